@@ -1,0 +1,507 @@
+"""Build the small real dev set: public sample images from public GitHub repositories → challenge npz.
+
+Every raw file is pinned by (repo, commit, path, sha256) in FILES below and read straight out of a
+fetched snapshot (a bare git dir, default /work/.mirror/<owner>+<name>/repo) with
+`git --git-dir … show <commit>:<path>`; a hash mismatch stops the build. Nothing is downloaded here.
+
+Output (challenge layout):
+  devset/imgs/<name>.npz       imgs (2D H×W×3 / 3D D×H×W uint8), boxes (N×4 / N×6), spacing (3D)
+  devset/gts/<name>.npz        gts (uint8 label map, label i+1 ↔ box i), boxes, spacing (3D)
+  devset/unlabeled/<name>.npz  imgs (+ spacing) for sources without masks (distillation/calibration)
+  devset/manifest.csv          one row per case: source, commit, path, sha256, licence, labeled
+  demo/imgs, demo/gts          copies of DEMO_CASES, bundled for the README's demo command
+
+Conventions (the challenge's): boxes are inclusive pixel bounds of each object's mask, 2D (x0, y0,
+x1, y1), 3D (x0, y0, z0, x1, y1, z1); 3D `spacing` is the voxel size in mm in (x, y, z) order, as
+SimpleITK's GetSpacing() writes it in the challenge's own preprocessing; CT is windowed to soft
+tissue [-160, 240] HU, MR/PET are min-max scaled between the 0.5 and 99.5 percentiles.
+
+Objects: each source label value is split into connected components; a component is kept as its
+own object (own label, own box) if it has ≥ MIN_OBJECT_PIXELS and ≥ MIN_OBJECT_FRACTION of the largest
+component of that source label, smaller specks are dropped from gts (set to 0), so every label has a box.
+
+Run:  python build_devset.py            (all cases, then the demo copies)
+      python build_devset.py --only 3DBox_CT_totalseg_1 --mirror-root /path/to/mirrors
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+# ---------------------------------------------------------------- pinned raw files ----------------
+# Sources: (repo, commit) pairs, then one row per raw file: key → (source, path, sha256).
+SRC_PYRADIOMICS = ("AIM-Harvard/pyradiomics", "8ed579383b44806651c463d5e691f3b2b57522ab")
+SRC_TOTALSEGMENTATOR = ("wasserth/TotalSegmentator", "0e65a448d557382b1e925276212b3bec7f5aff83")
+SRC_RETINA_UNET = ("orobix/retina-unet", "1ccd6f86a49e00a3ff8d9925bb3c78d818ed0e87")
+FILE_TABLE: dict[str, tuple[tuple[str, str], str, str]] = {
+    "prad_brain1_img": (SRC_PYRADIOMICS, "data/brain1_image.nrrd",
+        "fffdb111ee8b428ede7256707393c927a7d5be912f0604cf3c6f1bd5fc9644cf"),
+    "prad_brain1_lbl": (SRC_PYRADIOMICS, "data/brain1_label.nrrd",
+        "ae6d8e6b84f7e99d68c210ee2fa6aaaefa0b2df0a84f55efca4feebe2b216059"),
+    "prad_brain2_img": (SRC_PYRADIOMICS, "data/brain2_image.nrrd",
+        "d35a1c6a3e1eb72bae97c5515472fbe057fb38ee8e1e199215d1c3c6f292332e"),
+    "prad_brain2_lbl": (SRC_PYRADIOMICS, "data/brain2_label.nrrd",
+        "15189c024936ecc337649b9a10c475117c7c40df0d53c22163f9a2023ed741a5"),
+    "prad_breast1_img": (SRC_PYRADIOMICS, "data/breast1_image.nrrd",
+        "0e8b668f3ce9b9aacff20dc3c216866f43069ff96b269fb45b76f5e205a431e2"),
+    "prad_breast1_lbl": (SRC_PYRADIOMICS, "data/breast1_label.nrrd",
+        "07085bb0e36a956de5bd1c1c1b5f8bdf2ce80952125b13cbd352412c108c8950"),
+    "prad_prostate_img": (SRC_PYRADIOMICS, "data/prostate_phantom_subvolume.nrrd",
+        "4fb08fc0593a0e06d49bd8f7cb7cb6fc7ca68e9fc3cac0daa3ae26efa1516eba"),
+    "prad_prostate_lbl": (SRC_PYRADIOMICS, "data/prostate_phantom_subvolume-label.nrrd",
+        "6d6381cb6b227e996fed73b54239a177985681fd56a7c39a2e46e8d471727b22"),
+    "ts_ct_img": (SRC_TOTALSEGMENTATOR, "tests/reference_files/example_ct_sm.nii.gz",
+        "e50c00b2914e2cac0aaee8e7f3b5f57d44d9f21bfd5c0577271c54c0cb49e9fb"),
+    "ts_ct_lbl": (SRC_TOTALSEGMENTATOR, "tests/reference_files/example_seg.nii.gz",
+        "8be652475a4aaae83103a66bfb3345314b1fc06742807a06cf5005f7a7913a2d"),
+    "ts_mr_img": (SRC_TOTALSEGMENTATOR, "tests/reference_files/example_mr_sm.nii.gz",
+        "209b46efaff595dd54a9332872e17a722b62654bbb68dbd89acd5090701bbd4f"),
+    "ts_mr_lbl": (SRC_TOTALSEGMENTATOR, "tests/reference_files/example_seg_mr.nii.gz",
+        "e73a5ee12962aa2bb2f3e43ab58dfc67990c5a7ef2dcb426a1bf5e5982b9587f"),
+    "drive21_img": (SRC_RETINA_UNET, "DRIVE/training/images/21_training.tif",
+        "e7af55375ba088ac63db120377eaf94b2405fe80b7874d6e1d236cda4f8c4c83"),
+    "drive21_lbl": (SRC_RETINA_UNET, "DRIVE/training/1st_manual/21_manual1.gif",
+        "8b91ecd3ad91b3d7111f8f22e29913eb69502f8bfd4a1339db6508d73f52b8bb"),
+    "drive22_img": (SRC_RETINA_UNET, "DRIVE/training/images/22_training.tif",
+        "4fc9bd6642ab205174d4609c10836b2831f3f8aefa5febac1f136273ae4eebd6"),
+    "drive22_lbl": (SRC_RETINA_UNET, "DRIVE/training/1st_manual/22_manual1.gif",
+        "3e24a5eab43676e8f9a7149984e4c7477f3b3829c4a5241d733eb43719e67967"),
+    "drive23_img": (SRC_RETINA_UNET, "DRIVE/training/images/23_training.tif",
+        "4d20167c45d4e495bf1aac435c7f611a991fafdbcba8f39f5b2e667f3809c64b"),
+    "drive23_lbl": (SRC_RETINA_UNET, "DRIVE/training/1st_manual/23_manual1.gif",
+        "f9fc8da936de5e21effbd66b76f33ea6c529661ad8c49b4314c6a89d907461a0"),
+    "drive24_img": (SRC_RETINA_UNET, "DRIVE/training/images/24_training.tif",
+        "081db8928e07c9a222b05596f54f60770f37c1cdb39308377b420dc58a49c361"),
+    "drive24_lbl": (SRC_RETINA_UNET, "DRIVE/training/1st_manual/24_manual1.gif",
+        "ed400fb8471f272ad5e9d2693336cbedb7c437e299b918edeae8498d07c647fb"),
+    "drive25_img": (SRC_RETINA_UNET, "DRIVE/training/images/25_training.tif",
+        "544904428f4286cfde44f2f24171c59f1fbc86c00833a4862f31f7eba3c71841"),
+    "drive25_lbl": (SRC_RETINA_UNET, "DRIVE/training/1st_manual/25_manual1.gif",
+        "64410317c2f901643da575c7871dc972c9585220466cd81545d30ced922d5159"),
+}
+# key → (repo, commit, path, sha256)
+FILES: dict[str, tuple[str, str, str, str]] = {
+    k: (src[0], src[1], path, sha) for k, (src, path, sha) in FILE_TABLE.items()}
+
+LICENCES: dict[str, str] = {
+    "AIM-Harvard/pyradiomics": "BSD-3-Clause (repository); images from TCIA/phantom test data",
+    "wasserth/TotalSegmentator": "Apache-2.0 (repository); labels are TotalSegmentator predictions",
+    "orobix/retina-unet": "MIT (code); DRIVE data: research use, cite Staal et al. 2004",
+}
+
+
+# ---------------------------------------------------------------- cases ---------------------------
+@dataclass
+class Case:
+    """One output case. `recipe` names the intensity mapping; `label` is None for unlabeled cases."""
+    name: str
+    image: str
+    label: str | None
+    recipe: str  # "ct" | "mr" (percentile) | "rgb" (2D colour/grey as is)
+    label_map: dict[int, int] | None = None  # source label → kept label (None: keep all non-zero)
+    mask_threshold: int | None = None  # 2D binary masks: foreground = value > threshold
+    options: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return 3 if self.name.startswith("3D") else 2
+
+    @property
+    def modality(self) -> str:
+        return self.name.split("_")[1]
+
+
+CASES: list[Case] = [
+    Case("3DBox_MR_pyradiomics_1", "prad_brain1_img", "prad_brain1_lbl", "mr"),
+    Case("3DBox_MR_pyradiomics_2", "prad_brain2_img", "prad_brain2_lbl", "mr"),
+    Case("3DBox_MR_pyradiomics_3", "prad_breast1_img", "prad_breast1_lbl", "mr"),
+    Case("3DBox_MR_pyradiomics_4", "prad_prostate_img", "prad_prostate_lbl", "mr"),
+    Case("3DBox_CT_totalseg_1", "ts_ct_img", "ts_ct_lbl", "ct"),
+    Case("3DBox_MR_totalseg_1", "ts_mr_img", "ts_mr_lbl", "mr"),
+] + [
+    Case(f"2DBox_Fundus_drive_{k}", f"drive{k}_img", f"drive{k}_lbl", "rgb", mask_threshold=127)
+    for k in (21, 22, 23, 24, 25)
+]
+
+DEMO_CASES: list[str] = []
+
+MIN_OBJECT_PIXELS = 20       # smaller components are annotation specks, not promptable objects
+MIN_OBJECT_FRACTION = 0.05   # of the largest component of the same source label
+MAX_SIDE_3D = 256            # in-plane cap for committed 3D volumes (keeps the set ≲ 25 MB)
+MAX_SIDE_2D = 1024           # longest-side cap for 2D images
+Z_MARGIN = 5                 # slices kept either side of the labelled z-range
+CT_WINDOW_HU = (-160.0, 240.0)
+PERCENTILES = (0.5, 99.5)
+
+
+# ---------------------------------------------------------------- raw file access -----------------
+def git_dir(mirror_root: str, repo: str) -> str:
+    """The bare git dir of a fetched snapshot of `repo` under mirror_root."""
+    base = os.path.join(mirror_root, repo.replace("/", "+"))
+    return os.path.join(base, "repo") if os.path.isdir(os.path.join(base, "repo")) else base
+
+
+def read_raw(key: str, mirror_root: str, check_hash: bool = True) -> bytes:
+    """Bytes of the pinned file FILES[key], verified against its sha256."""
+    repo, commit, path, sha = FILES[key]
+    gd = git_dir(mirror_root, repo)
+    try:
+        data = subprocess.run(["git", "--git-dir", gd, "show", f"{commit}:{path}"],
+                              check=True, capture_output=True).stdout
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        err = getattr(e, "stderr", b"") or b""
+        raise SystemExit(f"{gd}: cannot read {commit[:10]}:{path} ({err.decode(errors='replace').strip()}); "
+                         f"fetch {repo} first")
+    digest = hashlib.sha256(data).hexdigest()
+    if check_hash and sha and digest != sha:
+        raise SystemExit(f"{repo}:{path}: sha256 {digest} != pinned {sha}")
+    return data
+
+
+# ---------------------------------------------------------------- readers -------------------------
+_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4",
+                 1024: "i8", 1280: "u8"}
+_NRRD_DTYPES = {"uchar": "u1", "unsigned char": "u1", "uint8": "u1", "uint8_t": "u1",
+                "signed char": "i1", "int8": "i1", "int8_t": "i1", "char": "i1",
+                "short": "i2", "short int": "i2", "signed short": "i2", "int16": "i2", "int16_t": "i2",
+                "ushort": "u2", "unsigned short": "u2", "uint16": "u2", "uint16_t": "u2",
+                "int": "i4", "signed int": "i4", "int32": "i4", "int32_t": "i4",
+                "uint": "u4", "unsigned int": "u4", "uint32": "u4", "uint32_t": "u4",
+                "float": "f4", "double": "f8"}
+_MHA_DTYPES = {"MET_UCHAR": "u1", "MET_CHAR": "i1", "MET_SHORT": "i2", "MET_USHORT": "u2",
+               "MET_INT": "i4", "MET_UINT": "u4", "MET_FLOAT": "f4", "MET_DOUBLE": "f8"}
+
+
+def read_nifti(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """NIfTI-1 (.nii / .nii.gz) → (array D×H×W as stored, z slowest; spacing_mm (x, y, z))."""
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    endian = "<" if np.frombuffer(data[:4], "<i4")[0] == 348 else ">"
+    dims = np.frombuffer(data[40:56], endian + "i2")
+    code = int(np.frombuffer(data[70:72], endian + "i2")[0])
+    pixdim = np.frombuffer(data[76:108], endian + "f4")
+    offset = int(np.frombuffer(data[108:112], endian + "f4")[0])
+    slope, inter = np.frombuffer(data[112:120], endian + "f4")
+    if code not in _NIFTI_DTYPES:
+        raise ValueError(f"NIfTI datatype {code} not supported")
+    shape = [int(d) for d in dims[1:1 + int(dims[0])]] + [1, 1]
+    nx, ny, nz = shape[:3]
+    dt = np.dtype(endian + _NIFTI_DTYPES[code])
+    arr = np.frombuffer(data, dt, count=nx * ny * nz, offset=offset).reshape(nz, ny, nx)
+    if slope not in (0.0, 1.0) or inter != 0.0:
+        arr = arr * np.float32(slope if slope != 0 else 1.0) + np.float32(inter)
+    return arr, np.abs(pixdim[1:4]).astype(np.float64)
+
+
+def _text_header(data: bytes, end_marker: bytes) -> tuple[list[str], int]:
+    i = data.index(end_marker)
+    return data[:i].decode("latin-1").splitlines(), i + len(end_marker)
+
+
+def read_nrrd(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """NRRD (attached data, raw or gzip) → (array D×H×W, spacing_mm (x, y, z))."""
+    lines, start = _text_header(data, b"\n\n")
+    fields = {}
+    for ln in lines[1:]:
+        if ln.startswith("#") or ":" not in ln:
+            continue
+        k, v = ln.split(":", 1)
+        fields[k.strip().lower()] = v.lstrip("=").strip()
+    sizes = [int(s) for s in fields["sizes"].split()]
+    dt = np.dtype(("<" if fields.get("endian", "little") == "little" else ">")
+                  + _NRRD_DTYPES[fields["type"].lower()])
+    payload = data[start:]
+    enc = fields.get("encoding", "raw").lower()
+    if enc in ("gzip", "gz"):
+        payload = gzip.decompress(payload)
+    elif enc != "raw":
+        raise ValueError(f"NRRD encoding {enc} not supported")
+    arr = np.frombuffer(payload, dt, count=int(np.prod(sizes))).reshape(sizes[::-1])
+    if "space directions" in fields:
+        vecs = [v for v in fields["space directions"].replace(" ", "").split(")(")]
+        spacing = [float(np.linalg.norm([float(x) for x in v.strip("()").split(",")])) for v in vecs
+                   if v.strip("()") != "none"]
+    else:
+        spacing = [float(s) for s in fields.get("spacings", "1 1 1").split()]
+    return arr, np.asarray(spacing, np.float64)
+
+
+def read_mha(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """MetaImage .mha (ElementDataFile = LOCAL, optionally zlib-compressed) → (D×H×W, spacing_mm)."""
+    marker = data.index(b"ElementDataFile")
+    start = data.index(b"\n", marker) + 1
+    fields = {}
+    for ln in data[:start].decode("latin-1").splitlines():
+        if "=" in ln:
+            k, v = ln.split("=", 1)
+            fields[k.strip()] = v.strip()
+    sizes = [int(s) for s in fields["DimSize"].split()]
+    msb = fields.get("BinaryDataByteOrderMSB", fields.get("ElementByteOrderMSB", "False")) == "True"
+    dt = np.dtype((">" if msb else "<") + _MHA_DTYPES[fields["ElementType"]])
+    payload = data[start:]
+    if fields.get("CompressedData", "False") == "True":
+        payload = zlib.decompress(payload)
+    arr = np.frombuffer(payload, dt, count=int(np.prod(sizes))).reshape(sizes[::-1])
+    spacing = [float(s) for s in fields.get("ElementSpacing", "1 1 1").split()]
+    return arr, np.asarray(spacing, np.float64)
+
+
+def read_volume(data: bytes, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Dispatch on the file name: .nii(.gz) / .nrrd / .mha → (D×H×W array, spacing_mm (x, y, z))."""
+    p = path.lower()
+    if p.endswith((".nii", ".nii.gz")):
+        return read_nifti(data)
+    if p.endswith(".nrrd"):
+        return read_nrrd(data)
+    if p.endswith(".mha"):
+        return read_mha(data)
+    raise ValueError(f"{path}: no volume reader for this extension")
+
+
+def read_image2d(data: bytes, path: str) -> np.ndarray:
+    """PNG/JPG/TIFF/GIF/BMP/PGM bytes → H×W or H×W×3 (RGB order) array, dtype as stored."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ValueError(f"{path}: OpenCV cannot decode this image")
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    if arr.ndim == 3:
+        arr = arr[:, :, ::-1]  # OpenCV decodes BGR
+    return np.ascontiguousarray(arr)
+
+
+# ---------------------------------------------------------------- conversion ----------------------
+def to_uint8(arr: np.ndarray, recipe: str) -> np.ndarray:
+    """Intensities → uint8 0..255: CT soft-tissue window, or 0.5–99.5 percentile min-max."""
+    a = np.asarray(arr, np.float32)
+    if recipe == "ct":
+        lo, hi = CT_WINDOW_HU
+    elif recipe in ("mr", "pet", "rgb16"):
+        lo, hi = (float(v) for v in np.percentile(a, PERCENTILES))
+    elif recipe == "rgb":
+        if a.dtype == np.uint8 or arr.dtype == np.uint8:
+            return np.asarray(arr, np.uint8)
+        lo, hi = float(a.min()), float(a.max())
+    else:
+        raise ValueError(f"unknown recipe {recipe}")
+    out = (np.clip(a, lo, hi) - lo) / max(hi - lo, 1e-6) * 255.0
+    return np.round(out).astype(np.uint8)
+
+
+def split_objects(labels: np.ndarray, label_map: dict[int, int] | None = None
+                  ) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
+    """Source label map (2D or 3D ints) → (uint8 map with one label per kept connected object,
+    bounding slices of object i at index i-1). Order: source label ascending, then component size."""
+    out = np.zeros(labels.shape, np.uint8)
+    bounds: list[tuple[slice, ...]] = []
+    values = [v for v in np.unique(labels) if v != 0]
+    if label_map is not None:
+        values = [v for v in values if int(v) in label_map]
+    structure = np.ones((3,) * labels.ndim, bool)  # 8-/26-connectivity
+    for v in values:
+        comp, n = ndimage.label(labels == v, structure=structure)
+        if n == 0:
+            continue
+        sizes = np.bincount(comp.ravel())[1:]
+        keep = [i + 1 for i in np.argsort(-sizes)
+                if sizes[i] >= MIN_OBJECT_PIXELS and sizes[i] >= MIN_OBJECT_FRACTION * sizes.max()]
+        slices = ndimage.find_objects(comp)
+        for c in keep:
+            if len(bounds) == 255:
+                raise ValueError("more than 255 objects; uint8 gts cannot hold them")
+            bounds.append(slices[c - 1])
+            out[comp == c] = len(bounds)
+    return out, bounds
+
+
+def boxes_from_bounds(bounds: list[tuple[slice, ...]]) -> np.ndarray:
+    """Object bounding slices → inclusive boxes: 2D (x0, y0, x1, y1), 3D (x0, y0, z0, x1, y1, z1)."""
+    rows = []
+    for b in bounds:
+        if len(b) == 2:
+            y, x = b
+            rows.append([x.start, y.start, x.stop - 1, y.stop - 1])
+        else:
+            z, y, x = b
+            rows.append([x.start, y.start, z.start, x.stop - 1, y.stop - 1, z.stop - 1])
+    ncol = 4 if not bounds or len(bounds[0]) == 2 else 6
+    return np.asarray(rows, np.int64).reshape(-1, ncol)
+
+
+def resize_volume(vol: np.ndarray, hw: tuple[int, int], nearest: bool) -> np.ndarray:
+    """Resize each slice of a D×H×W volume to hw (area for images, nearest for labels)."""
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
+    src = vol if nearest else vol.astype(np.float32)
+    if nearest and vol.dtype not in (np.uint8, np.uint16, np.int16, np.float32):
+        src = vol.astype(np.int32).astype(np.float32)  # cv2 nearest needs a supported dtype
+    out = np.stack([cv2.resize(s, (hw[1], hw[0]), interpolation=interp) for s in src])
+    return out.astype(vol.dtype) if nearest else out
+
+
+def capped_hw(hw: tuple[int, int], max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(hw))
+    return max(1, int(round(hw[0] * scale))), max(1, int(round(hw[1] * scale)))
+
+
+def build_3d(case: Case, mirror_root: str) -> dict:
+    """Volume (+ labels) → arrays of one 3D case: crop z to labels ± Z_MARGIN, cap in-plane size."""
+    img, spacing = read_volume(read_raw(case.image, mirror_root), FILES[case.image][2])
+    lbl = None
+    if case.label:
+        lbl, _ = read_volume(read_raw(case.label, mirror_root), FILES[case.label][2])
+        if lbl.shape != img.shape:
+            raise SystemExit(f"{case.name}: label shape {lbl.shape} != image shape {img.shape}")
+        lbl = np.asarray(lbl).astype(np.int32)
+        if case.label_map is not None:
+            lbl = np.where(np.isin(lbl, list(case.label_map)), lbl, 0)
+        zs = np.flatnonzero(lbl.reshape(lbl.shape[0], -1).any(1))
+        if zs.size == 0:
+            raise SystemExit(f"{case.name}: label volume is empty")
+        z0, z1 = max(0, zs[0] - Z_MARGIN), min(img.shape[0], zs[-1] + 1 + Z_MARGIN)
+        img, lbl = img[z0:z1], lbl[z0:z1]
+    imgs = to_uint8(img, case.recipe)  # window/percentiles on the cropped volume, at full resolution
+    hw = capped_hw(imgs.shape[1:], MAX_SIDE_3D)
+    spacing = spacing.copy()
+    if hw != imgs.shape[1:]:
+        spacing[0] *= imgs.shape[2] / hw[1]
+        spacing[1] *= imgs.shape[1] / hw[0]
+        imgs = np.clip(np.round(resize_volume(imgs, hw, nearest=False)), 0, 255).astype(np.uint8)
+        if lbl is not None:
+            lbl = resize_volume(lbl, hw, nearest=True)
+    out = {"imgs": np.ascontiguousarray(imgs), "spacing": spacing.astype(np.float64)}
+    if lbl is not None:
+        gts, bounds = split_objects(lbl)
+        out["gts"], out["boxes"] = gts, boxes_from_bounds(bounds)
+    return out
+
+
+def build_2d(case: Case, mirror_root: str) -> dict:
+    """Image (+ mask or label image) → arrays of one 2D case, longest side capped at MAX_SIDE_2D."""
+    img = read_image2d(read_raw(case.image, mirror_root), FILES[case.image][2])
+    img = to_uint8(img, "rgb16" if img.dtype != np.uint8 else "rgb")
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    lbl = None
+    if case.label:
+        lbl = read_image2d(read_raw(case.label, mirror_root), FILES[case.label][2])
+        if lbl.ndim == 3:
+            lbl = lbl.max(axis=2)  # masks stored as RGB/grey copies: any channel marks foreground
+        if lbl.shape != img.shape[:2]:
+            raise SystemExit(f"{case.name}: mask {lbl.shape} != image {img.shape[:2]}")
+        if case.mask_threshold is not None:
+            lbl = (lbl > case.mask_threshold).astype(np.int32)
+    hw = capped_hw(img.shape[:2], MAX_SIDE_2D)
+    if hw != img.shape[:2]:
+        img = cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
+        if lbl is not None:
+            lbl = cv2.resize(lbl.astype(np.uint8), (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
+    out = {"imgs": np.ascontiguousarray(img.astype(np.uint8))}
+    if lbl is not None:
+        gts, bounds = split_objects(np.asarray(lbl), case.label_map)
+        out["gts"], out["boxes"] = gts, boxes_from_bounds(bounds)
+    return out
+
+
+# ---------------------------------------------------------------- writing -------------------------
+def save_npz_atomic(path: str, **arrays) -> None:
+    """np.savez_compressed to <path>.tmp.npz, then rename: readers never see a half-written file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path[:-4] + ".tmp.npz"
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+def write_case(case: Case, arrays: dict, out_dir: str) -> None:
+    extra = {"spacing": arrays["spacing"]} if "spacing" in arrays else {}
+    if "gts" in arrays:
+        save_npz_atomic(os.path.join(out_dir, "imgs", case.name + ".npz"),
+                        imgs=arrays["imgs"], boxes=arrays["boxes"], **extra)
+        save_npz_atomic(os.path.join(out_dir, "gts", case.name + ".npz"),
+                        gts=arrays["gts"], boxes=arrays["boxes"], **extra)
+    else:
+        save_npz_atomic(os.path.join(out_dir, "unlabeled", case.name + ".npz"),
+                        imgs=arrays["imgs"], **extra)
+
+
+MANIFEST_FIELDS = ["name", "modality", "dim", "source_repo", "commit", "path", "sha256", "licence",
+                   "labeled", "label_path", "label_sha256", "n_objects", "shape"]
+
+
+def manifest_row(case: Case, arrays: dict, mirror_root: str) -> dict:
+    repo, commit, path, sha = FILES[case.image]
+    row = {"name": case.name, "modality": case.modality, "dim": f"{case.dim}D", "source_repo": repo,
+           "commit": commit, "path": path, "sha256": sha or hashlib.sha256(
+               read_raw(case.image, mirror_root)).hexdigest(),
+           "licence": LICENCES.get(repo, "unknown"), "labeled": "yes" if case.label else "no",
+           "label_path": "", "label_sha256": "", "n_objects": len(arrays.get("boxes", [])),
+           "shape": "x".join(str(s) for s in arrays["imgs"].shape)}
+    if case.label:
+        row["label_path"] = FILES[case.label][2]
+        row["label_sha256"] = FILES[case.label][3]
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--mirror-root", default="/work/.mirror",
+                    help="directory holding fetched snapshots as <owner>+<name>/repo bare git dirs")
+    ap.add_argument("--out", default=os.path.join(here, "devset"), help="dev set output directory")
+    ap.add_argument("--demo-out", default=os.path.join(here, "demo"),
+                    help="where DEMO_CASES are copied (imgs/ and gts/)")
+    ap.add_argument("--only", nargs="*", default=None, help="build only these case names")
+    ap.add_argument("--print-hashes", action="store_true",
+                    help="print sha256 of every pinned raw file (to fill FILES) and exit")
+    args = ap.parse_args(argv)
+
+    if args.print_hashes:
+        for key in FILES:
+            data = read_raw(key, args.mirror_root, check_hash=False)
+            print(f"{key}\t{hashlib.sha256(data).hexdigest()}\t{len(data)}")
+        return 0
+    unpinned = [k for k, v in FILES.items() if not v[3]]
+    if unpinned:
+        print(f"warning: {len(unpinned)} raw files have no pinned sha256 yet: {unpinned[:3]}…",
+              file=sys.stderr)
+
+    cases = [c for c in CASES if args.only is None or c.name in args.only]
+    rows = []
+    for case in cases:
+        arrays = (build_3d if case.dim == 3 else build_2d)(case, args.mirror_root)
+        write_case(case, arrays, args.out)
+        rows.append(manifest_row(case, arrays, args.mirror_root))
+        nobj = len(arrays.get("boxes", []))
+        print(f"{case.name}: imgs {arrays['imgs'].shape}, {nobj} objects", file=sys.stderr)
+
+    if args.only is None:
+        tmp = os.path.join(args.out, "manifest.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, os.path.join(args.out, "manifest.csv"))
+        for name in DEMO_CASES:
+            for sub in ("imgs", "gts"):
+                os.makedirs(os.path.join(args.demo_out, sub), exist_ok=True)
+                shutil.copyfile(os.path.join(args.out, sub, name + ".npz"),
+                                os.path.join(args.demo_out, sub, name + ".npz"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
