@@ -6,8 +6,21 @@ uses exactly the same function (§2.1), so the two can never drift apart.
 """
 from __future__ import annotations
 
+import ast
+import bisect
+import os
+import re
+import sys
+import tempfile
+import zipfile
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
 import cv2
 import numpy as np
+from numpy.lib import format as npformat
 
 IMAGE_SIZE = 256  # the model's input side (LiteMedSAM: 256×256 → 64×64 embedding)
 
@@ -86,3 +99,885 @@ def preprocess_mask(mask: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     out = np.zeros((size, size), np.uint8)
     out[:nh, :nw] = small
     return out
+
+
+# ────────────────────────────────────────────────────────────────────────────────────────────────
+# Challenge npz reading
+# ────────────────────────────────────────────────────────────────────────────────────────────────
+
+# The challenge's 11 modalities; ids are positions in this tuple so that every dataset (train, eval,
+# dev) numbers them the same way. Unknown names get ids after these, in sorted order per index.
+CHALLENGE_MODALITIES = ("CT", "MR", "PET", "US", "X-Ray", "Dermoscopy", "Endoscopy", "Fundus",
+                        "Mammography", "Microscopy", "OCT")
+_MODALITY_ALIASES = {m.lower().replace("-", ""): m for m in CHALLENGE_MODALITIES}
+_MODALITY_ALIASES.update({"mri": "MR", "xray": "X-Ray", "cxr": "X-Ray", "ultrasound": "US"})
+_BOX_NAME = re.compile(r"^(2D|3D)Box_([^_]+)_")
+_LABEL_DIRS = {"gts", "segs"}  # label / prediction folders: never cases themselves
+
+
+def _canonical_modality(name: str) -> str:
+    return _MODALITY_ALIASES.get(name.lower().replace("-", "").replace("_", ""), name)
+
+
+def _read_npy_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Parse the .npy header at the start of file-like `fp` (reads a few hundred bytes)."""
+    try:
+        major, minor = npformat.read_magic(fp)
+        if (major, minor) == (1, 0):
+            shape, _, dtype = npformat.read_array_header_1_0(fp)
+        elif (major, minor) == (2, 0):
+            shape, _, dtype = npformat.read_array_header_2_0(fp)
+        elif major == 3:  # utf-8 header (only for structured dtypes with non-latin names)
+            n = int.from_bytes(fp.read(4), "little")
+            header = ast.literal_eval(fp.read(n).decode("utf8"))
+            shape, dtype = tuple(header["shape"]), np.dtype(header["descr"])
+        else:
+            raise ValueError(f"unsupported .npy version {major}.{minor}")
+    except (ValueError, EOFError, zlib.error, zipfile.BadZipFile, SyntaxError, KeyError) as e:
+        raise ValueError(f"{where}: unreadable .npy header ({e})") from None
+    return tuple(int(s) for s in shape), np.dtype(dtype)
+
+
+def npz_keys(path: str | os.PathLike) -> list[str]:
+    """Array names stored in an npz (from the zip directory; nothing is decompressed)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable npz ({e})") from None
+
+
+def npz_array_shape(path: str | os.PathLike, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of array `key` inside an npz, read from its .npy header only.
+
+    For a deflated member only the first compressed chunk (zipfile reads ≥ 4 KiB) is inflated, so the
+    cost is independent of the array size and a corrupt payload past the header goes unnoticed here
+    (it fails later, when the slice is drawn). The member's CRC is never checked: we stop before EOF.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            try:
+                info = zf.getinfo(key + ".npy")
+            except KeyError:
+                raise ValueError(f"{path}: no array '{key}' (has {sorted(n[:-4] for n in zf.namelist())})") from None
+            with zf.open(info) as fp:
+                return _read_npy_header(fp, f"{path}:{key}")
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable npz ({e})") from None
+
+
+def load_case(path: str | os.PathLike, keys: Sequence[str] = ("imgs", "boxes", "spacing", "gts"),
+              labels_path: str | os.PathLike | None = None) -> dict:
+    """Decode one challenge case → dict with the present `keys` among imgs / boxes / spacing / gts.
+
+    `imgs` is required: 2D H×W×3 (or H×W) uint8, 3D D×H×W. `boxes` N×4 (2D) or N×6 (3D) when present.
+    `gts` comes from the same file, else from `labels_path` (see find_labels) when given; it must
+    have the image's spatial shape. Any problem → ValueError naming the file and the problem.
+    """
+    path = Path(path)
+    out: dict = {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = set(z.files)
+            if "imgs" not in names:
+                raise ValueError(f"{path}: no 'imgs' array (has {sorted(names)})")
+            for k in keys:
+                if k in names:
+                    out[k] = z[k]
+        if "gts" in keys and "gts" not in out and labels_path is not None:
+            with np.load(labels_path, allow_pickle=False) as z:
+                if "gts" not in z.files:
+                    raise ValueError(f"{labels_path}: no 'gts' array (has {sorted(z.files)})")
+                out["gts"] = z["gts"]
+    except ValueError as e:
+        if str(e).startswith(str(path)) or (labels_path and str(e).startswith(str(labels_path))):
+            raise
+        raise ValueError(f"{path}: cannot decode ({e})") from None
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: cannot decode ({type(e).__name__}: {e})") from None
+    imgs = out["imgs"]
+    is_3d = _is_3d(path.name, imgs.shape)
+    if imgs.ndim not in (2, 3):
+        raise ValueError(f"{path}: imgs must be H×W, H×W×3 or D×H×W, got shape {imgs.shape}")
+    spatial = imgs.shape if is_3d else imgs.shape[:2]
+    if "boxes" in out:
+        width = 6 if is_3d else 4
+        b = out["boxes"]
+        if b.size and (b.ndim != 2 or b.shape[1] != width):
+            raise ValueError(f"{path}: boxes must be N×{width} for a {'3D' if is_3d else '2D'} case, got {b.shape}")
+        out["boxes"] = b.reshape(-1, width)
+    if "gts" in out and out["gts"].shape != spatial:
+        raise ValueError(f"{path}: gts shape {out['gts'].shape} does not match imgs spatial shape {spatial}")
+    return out
+
+
+def _is_3d(name: str, imgs_shape: Sequence[int]) -> bool:
+    """3D if the file says so (`3DBox_`), 2D if `2DBox_`; otherwise by shape (H×W×{1,3,4} is 2D)."""
+    if name.startswith("3DBox_"):
+        return True
+    if name.startswith("2DBox_"):
+        return False
+    return len(imgs_shape) == 3 and imgs_shape[2] not in (1, 3, 4)
+
+
+def find_cases(root: str | os.PathLike) -> list[Path]:
+    """All case files under `root`, sorted: `<root>/<Modality>/<dataset>/*.npz`, `<root>/imgs/*.npz`,
+    flat `<root>/*.npz`, any depth. Files inside `gts/` or `segs/` folders are labels or predictions,
+    not cases, and are skipped. A single .npz path is returned as a one-element list."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise ValueError(f"{root}: no such directory")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _LABEL_DIRS)
+        out.extend(Path(dirpath) / f for f in filenames if f.endswith(".npz"))
+    return sorted(out)
+
+
+def find_labels(path: str | os.PathLike, keys: Iterable[str] | None = None) -> Path | None:
+    """Where the labels of case `path` live (None = unlabelled). The rule, first match wins:
+
+    1. `gts` inside the case file itself (training layout);
+    2. `<dir>/../gts/<same name>` when the case sits in a folder named `imgs` (challenge layout);
+    3. `<dir>/gts/<same name>` (a `gts` subfolder next to the cases).
+    `keys` = the case file's array names if already known (saves reopening the zip).
+    """
+    path = Path(path)
+    if "gts" in (keys if keys is not None else npz_keys(path)):
+        return path
+    candidates = []
+    if path.parent.name == "imgs":
+        candidates.append(path.parent.parent / "gts" / path.name)
+    candidates.append(path.parent / "gts" / path.name)
+    for c in candidates:
+        if c.is_file():
+            return c
+    return None
+
+
+def modality_of(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
+    """Modality of a case. Rule, first match wins: the file name `2DBox_<Modality>_…` /
+    `3DBox_<Modality>_…`; else the first folder below `root` (`<root>/<Modality>/<dataset>/x.npz`,
+    ignoring `imgs`/`gts`); else the file-name prefix before the first `_` if it is a known
+    modality (`CT_AbdTumor_…`); else "unknown". Known aliases map to CHALLENGE_MODALITIES names."""
+    path = Path(path)
+    m = _BOX_NAME.match(path.name)
+    if m:
+        return _canonical_modality(m.group(2))
+    if root is not None:
+        try:
+            parts = path.resolve().relative_to(Path(root).resolve()).parts
+        except ValueError:
+            parts = ()
+        if len(parts) >= 2 and parts[0] not in _LABEL_DIRS | {"imgs"}:
+            return _canonical_modality(parts[0])
+    prefix = _canonical_modality(path.name.split("_", 1)[0])
+    return prefix if prefix in CHALLENGE_MODALITIES else "unknown"
+
+
+def modality_ids(names: Iterable[str]) -> dict[str, int]:
+    """Stable ids: challenge modalities by their CHALLENGE_MODALITIES position, others after, sorted."""
+    names = set(names)
+    ids = {m: i for i, m in enumerate(CHALLENGE_MODALITIES)}
+    for j, m in enumerate(sorted(names - set(ids))):
+        ids[m] = len(CHALLENGE_MODALITIES) + j
+    return {m: ids[m] for m in sorted(names, key=lambda m: ids[m])}
+
+
+# ────────────────────────────────────────────────────────────────────────────────────────────────
+# The slice index: every 2D image is one sample, every 3D volume D samples (one per z-slice)
+# ────────────────────────────────────────────────────────────────────────────────────────────────
+class SliceIndex:
+    """Global sample index over challenge cases, built from .npy headers only (no decompression).
+
+    Per file: its number of slices (2D = 1, 3D = D read from the `imgs` header), its modality and
+    where its labels are (find_labels). `cum_ends[f]` = number of samples in files 0..f, so a global
+    sample index i lives in file `bisect_right(cum_ends, i)`. Volumes are decoded only when a slice
+    of them is drawn, and the last `cache_size` decoded cases are kept (LRU) so that consecutive
+    slices of one volume cost one decompression.
+
+    Unlabelled slices (decision: lazy record + retry in the same file): the index counts every slice.
+    When a volume is decoded its per-slice label presence is recorded (`label_presence(f)`, a D-bool
+    array, free since the whole label volume is decoded anyway); SegmentationDataset then replaces an
+    empty slice by a random labelled slice of the same file (same modality, no extra decompression),
+    or, for a file with no labels at all, by a random slice of another file of the same modality.
+    Nothing is decompressed up front, and the modality balance of the sampler is preserved.
+    """
+
+    def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike], root: str | os.PathLike | None = None,
+                 cache_size: int = 4, require_labels: bool = True, progress: bool = False) -> None:
+        """`source`: a root folder (find_cases), one .npz, or a list of .npz paths. `root`: where the
+        `<Modality>/` folders start (defaults to `source` when it is a folder). `require_labels`
+        drops cases without labels (counted in `n_unlabelled_files`)."""
+        if isinstance(source, (str, os.PathLike)):
+            files = find_cases(source)
+            if root is None and Path(source).is_dir():
+                root = source
+        else:
+            files = [Path(f) for f in source]
+        self.root = Path(root) if root is not None else None
+        self.cache_size = int(cache_size)
+        self.files: list[Path] = []
+        self.label_files: list[Path | None] = []
+        self.modality: list[str] = []
+        self.is_3d: list[bool] = []
+        self.image_shape: list[tuple[int, ...]] = []
+        n_slices: list[int] = []
+        self.n_unlabelled_files = 0
+        for k, f in enumerate(files):
+            f = Path(f)
+            keys = npz_keys(f)
+            shape, _ = npz_array_shape(f, "imgs")
+            is_3d = _is_3d(f.name, shape)
+            if len(shape) not in (2, 3) or (is_3d and len(shape) != 3):
+                raise ValueError(f"{f}: imgs must be H×W, H×W×3 or D×H×W, got shape {shape}")
+            labels = find_labels(f, keys)
+            if labels is not None:
+                gshape, _ = npz_array_shape(labels, "gts")
+                spatial = shape if is_3d else shape[:2]
+                if gshape != tuple(spatial):
+                    raise ValueError(f"{labels}: gts shape {gshape} does not match imgs {shape} of {f}")
+            elif require_labels:
+                self.n_unlabelled_files += 1
+                continue
+            self.files.append(f)
+            self.label_files.append(labels)
+            self.modality.append(modality_of(f, self.root))
+            self.is_3d.append(is_3d)
+            self.image_shape.append(shape)
+            n_slices.append(shape[0] if is_3d else 1)
+            if progress and (k + 1) % 1000 == 0:
+                print(f"indexed {k + 1}/{len(files)} files", file=sys.stderr)
+        if self.n_unlabelled_files and progress:
+            print(f"skipped {self.n_unlabelled_files} unlabelled files", file=sys.stderr)
+        self.n_slices = np.asarray(n_slices, dtype=np.int64)
+        self.cum_ends: list[int] = np.cumsum(self.n_slices).tolist()
+        self.modality_to_id = modality_ids(self.modality)
+        self.modality_id = np.asarray([self.modality_to_id[m] for m in self.modality], dtype=np.int64)
+        self._cache: OrderedDict[int, dict] = OrderedDict()
+        self._presence: dict[int, np.ndarray] = {}
+        self.n_decoded = 0  # number of case decompressions (cache misses), for tests and benchmarks
+
+    def __len__(self) -> int:
+        return self.cum_ends[-1] if self.cum_ends else 0
+
+    def __getstate__(self) -> dict:  # DataLoader workers (spawn): ship the index, not the cache
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()
+        return state
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global sample index → (file index, z) (z = 0 for 2D cases)."""
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"sample {index} out of range for an index of {n} slices")
+        f = bisect.bisect_right(self.cum_ends, index)
+        return f, index - (self.cum_ends[f - 1] if f else 0)
+
+    def global_index(self, file_index: int, z: int) -> int:
+        """Inverse of locate."""
+        return (self.cum_ends[file_index - 1] if file_index else 0) + int(z)
+
+    def load(self, file_index: int) -> dict:
+        """Decoded case {imgs, gts} (gts None if unlabelled), through the LRU cache."""
+        if file_index in self._cache:
+            self._cache.move_to_end(file_index)
+            return self._cache[file_index]
+        f, lab = self.files[file_index], self.label_files[file_index]
+        case = load_case(f, keys=("imgs", "gts"), labels_path=lab if lab != f else None)
+        case.setdefault("gts", None)
+        self.n_decoded += 1
+        if case["gts"] is not None and file_index not in self._presence:
+            g = case["gts"]
+            self._presence[file_index] = (g.reshape(g.shape[0], -1).any(axis=1) if self.is_3d[file_index]
+                                          else np.asarray([g.any()]))
+        self._cache[file_index] = case
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return case
+
+    def slice(self, file_index: int, z: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(image, labels) of one slice: image H×W or H×W×3, labels H×W (None if unlabelled)."""
+        case = self.load(file_index)
+        if self.is_3d[file_index]:
+            g = case["gts"]
+            return case["imgs"][z], (None if g is None else g[z])
+        return case["imgs"], case["gts"]
+
+    def label_presence(self, file_index: int) -> np.ndarray | None:
+        """Per-slice 'has any label' record, known once the case has been decoded (else None)."""
+        return self._presence.get(file_index)
+
+    def modalities(self) -> list[str]:
+        """Modality names present, ordered by id."""
+        return list(self.modality_to_id)
+
+    def slices_per_modality(self) -> dict[str, int]:
+        """N(m): number of samples (slices) per modality."""
+        out = {m: 0 for m in self.modalities()}
+        for m, n in zip(self.modality, self.n_slices.tolist()):
+            out[m] += n
+        return out
+
+    def modality_slices(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        """(file starts, cumulative counts) of one modality's files, to map the k-th slice of the
+        modality to a global index without listing all of them (1.2 M CT slices)."""
+        files = np.flatnonzero(np.asarray(self.modality) == modality)
+        starts = np.asarray([self.cum_ends[f - 1] if f else 0 for f in files], dtype=np.int64)
+        return starts, np.cumsum(self.n_slices[files])
+
+    def modality_to_global(self, modality: str, local: np.ndarray) -> np.ndarray:
+        """k-th slices (k in [0, N(m))) of `modality` → global sample indices."""
+        starts, cum = self.modality_slices(modality)
+        local = np.asarray(local, dtype=np.int64)
+        pos = np.searchsorted(cum, local, side="right")
+        before = np.concatenate([[0], cum[:-1]])[pos]
+        return starts[pos] + (local - before)
+
+
+# ────────────────────────────────────────────────────────────────────────────────────────────────
+# One training sample: a slice, one object, its (jittered) box, random flips
+# ────────────────────────────────────────────────────────────────────────────────────────────────
+def mask_to_256(mask: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Bool H×W object mask → uint8 size×size in model space. Nearest resize (preprocess_mask);
+    if a tiny object vanishes (e.g. 4032-px images shrink 16×) keep every pixel it touches."""
+    m = preprocess_mask(mask, size)
+    if not m.any() and mask.any():
+        nh, nw = resized_shape(mask.shape[:2], size)
+        cover = cv2.resize(mask.astype(np.float32), (nw, nh), interpolation=cv2.INTER_AREA)
+        m[:nh, :nw] = cover > 0
+    return m
+
+
+def box_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Tight box (x0, y0, x1, y1) of a non-empty 2D mask, inclusive pixel coordinates, float32 (4,)."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    xs = np.flatnonzero(mask.any(axis=0))
+    if ys.size == 0:
+        raise ValueError("box_from_mask: empty mask")
+    return np.asarray([xs[0], ys[0], xs[-1], ys[-1]], dtype=np.float32)
+
+
+def jitter_box(box: np.ndarray, shift_px: int, hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Enlarge each side of a box by an independent random integer in [0, shift_px] (MedSAM's
+    perturbation: the object stays inside), then clip to the image h×w. float32 (4,)."""
+    d = rng.integers(0, shift_px + 1, size=4).astype(np.float32) if shift_px > 0 else np.zeros(4, np.float32)
+    x0, y0, x1, y1 = box
+    h, w = hw
+    return np.asarray([max(0.0, x0 - d[0]), max(0.0, y0 - d[1]), min(w - 1.0, x1 + d[2]),
+                       min(h - 1.0, y1 + d[3])], dtype=np.float32)
+
+
+class SegmentationDataset:
+    """Box-prompted training samples over a SliceIndex; plain Python (works with torch's DataLoader).
+
+    Item i (a global slice index) →
+      image     float32 3×S×S   preprocess_image of the slice (S = image_size = 256)
+      mask      uint8 S×S       one object (0/1), drawn uniformly among the slice's labels
+      box_256   float32 (4,)    x0, y0, x1, y1 of the mask in model space, each side pushed out by
+                                U{0..bbox_shift} px, clipped to the image content (nh×nw)
+      modality_id int, modality str, file_index int, z int, label int
+    Flips (p = 0.5 each, horizontal and vertical) act on the image content region [0:nh, 0:nw] of
+    the padded square, so padding stays bottom/right as at inference; the box is computed from the
+    flipped mask, so image, mask and box always agree.
+    Randomness is a function of (seed, epoch, i): identical in every DataLoader worker and rerun;
+    call set_epoch(e) each epoch (reaches workers unless persistent_workers=True).
+    """
+
+    def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike] | SliceIndex, bbox_shift: int = 10,
+                 flip: bool = True, seed: int = 0, root: str | os.PathLike | None = None, cache_size: int = 4,
+                 image_size: int = IMAGE_SIZE, interp: str = "area", max_retries: int = 20) -> None:
+        self.index = source if isinstance(source, SliceIndex) else SliceIndex(source, root=root, cache_size=cache_size)
+        self.bbox_shift = int(bbox_shift)
+        self.flip = bool(flip)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.image_size = int(image_size)
+        self.interp = interp
+        self.max_retries = int(max_retries)
+        self._files_of_modality: dict[str, np.ndarray] = {
+            m: np.flatnonzero(np.asarray(self.index.modality) == m) for m in self.index.modalities()}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _labelled_slice(self, index: int, rng: np.random.Generator) -> tuple[int, int, np.ndarray, np.ndarray]:
+        """(file, z, image, labels) for sample `index`, moved to a labelled slice if it has none."""
+        f, z = self.index.locate(index)
+        for _ in range(self.max_retries):
+            img, lab = self.index.slice(f, z)
+            if lab is not None and lab.any():
+                return f, z, img, lab
+            present = self.index.label_presence(f)
+            if present is not None and present.any():  # retry in the same file (already decoded)
+                z = int(rng.choice(np.flatnonzero(present)))
+            else:  # no labels anywhere in the file: another file of the same modality
+                f = int(rng.choice(self._files_of_modality[self.index.modality[f]]))
+                z = int(rng.integers(self.index.n_slices[f]))
+        raise RuntimeError(f"{self.index.files[f]}: no labelled slice found after {self.max_retries} retries "
+                           f"(modality {self.index.modality[f]})")
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index % len(self)])
+        f, z, img, lab = self._labelled_slice(index, rng)
+        counts = np.bincount(lab.ravel(), minlength=2) if lab.dtype.itemsize == 1 else None
+        labels = np.flatnonzero(counts)[1:] if counts is not None else np.unique(lab)[1:]
+        labels = labels[labels > 0]
+        label = int(rng.choice(labels))
+        S = self.image_size
+        image = preprocess_image(img, S, self.interp)
+        mask = mask_to_256(lab == label, S)
+        nh, nw = resized_shape(lab.shape[:2], S)
+        if self.flip:
+            if rng.random() < 0.5:  # horizontal: mirror columns of the content region
+                image[:, :nh, :nw] = image[:, :nh, :nw][:, :, ::-1].copy()
+                mask[:nh, :nw] = mask[:nh, :nw][:, ::-1].copy()
+            if rng.random() < 0.5:  # vertical
+                image[:, :nh, :nw] = image[:, :nh, :nw][:, ::-1, :].copy()
+                mask[:nh, :nw] = mask[:nh, :nw][::-1, :].copy()
+        box_256 = jitter_box(box_from_mask(mask), self.bbox_shift, (nh, nw), rng)
+        m = self.index.modality[f]
+        return {"image": np.ascontiguousarray(image), "mask": np.ascontiguousarray(mask), "box_256": box_256,
+                "modality_id": int(self.index.modality_id[f]), "modality": m, "file_index": f, "z": z,
+                "label": label}
+
+
+# ────────────────────────────────────────────────────────────────────────────────────────────────
+# The balanced modality sampler (§ data: Ns(m) samples per modality per epoch) and the split
+# ────────────────────────────────────────────────────────────────────────────────────────────────
+def samples_per_modality(counts: dict[str, int], strategy: str = "min") -> dict[str, int]:
+    """Ns(m) from N(m): "min" → min over modalities of N(m) for every m (default); "max10" →
+    max(⌊N(m)/10⌋, min) (ablation: big modalities keep a tenth of their slices)."""
+    counts = {m: int(n) for m, n in counts.items() if n > 0}
+    if not counts:
+        return {}
+    lo = min(counts.values())
+    if strategy == "min":
+        return {m: lo for m in counts}
+    if strategy == "max10":
+        return {m: max(n // 10, lo) for m, n in counts.items()}
+    raise ValueError(f"unknown sampling strategy {strategy!r} (expected 'min' or 'max10')")
+
+
+class BalancedSampler:
+    """Each epoch: Ns(m) distinct slices drawn uniformly (without replacement) from every modality m,
+    shuffled together; rank r of R takes positions r, r+R, r+2R, … of that epoch list
+    (DistributedSampler-style), so ranks are disjoint and together cover the epoch.
+
+    Padding (drop_last=False, default): the epoch list is padded with its own first items up to a
+    multiple of R, so every rank has the same length (DDP needs equal step counts); at most R-1
+    samples are seen twice per epoch. drop_last=True trims instead (≤ R-1 samples unseen).
+    The permutation depends only on (seed, epoch): identical on every rank; call set_epoch(e).
+    Empty slices are handled by SegmentationDataset (lazy record + retry), not here: the record is
+    built in DataLoader workers, which the sampler in the main process cannot see.
+    """
+
+    def __init__(self, source: SliceIndex | SegmentationDataset, strategy: str = "min", num_replicas: int = 1,
+                 rank: int = 0, seed: int = 0, drop_last: bool = False) -> None:
+        self.index = source.index if isinstance(source, SegmentationDataset) else source
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} not in [0, {num_replicas})")
+        self.strategy = strategy
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        self.counts = self.index.slices_per_modality()
+        self.ns = samples_per_modality(self.counts, strategy)
+        self.epoch_size = sum(self.ns.values())
+        if self.drop_last:
+            self.num_samples = self.epoch_size // self.num_replicas
+        else:
+            self.num_samples = -(-self.epoch_size // self.num_replicas)
+        self._maps = {m: self.index.modality_slices(m) for m in self.ns}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def epoch_indices(self) -> np.ndarray:
+        """The whole epoch (all ranks), before padding/sharding: int64 (Σ Ns(m),)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        parts = []
+        for m, ns in self.ns.items():
+            local = rng.choice(self.counts[m], size=ns, replace=False)
+            starts, cum = self._maps[m]
+            pos = np.searchsorted(cum, local, side="right")
+            before = np.concatenate([[0], cum[:-1]])[pos]
+            parts.append(starts[pos] + (local - before))
+        allidx = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return allidx[rng.permutation(allidx.size)]
+
+    def rank_indices(self) -> np.ndarray:
+        """This rank's share of the epoch: int64 (num_samples,)."""
+        idx = self.epoch_indices()
+        total = self.num_samples * self.num_replicas
+        if total > idx.size:  # pad with the epoch's own first items (cycled if R > epoch size)
+            idx = np.concatenate([idx, np.resize(idx, total - idx.size)]) if idx.size else idx
+        else:
+            idx = idx[:total]
+        return idx[self.rank:total:self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.rank_indices().tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def split_by_file(files: Sequence[str | os.PathLike], eval_fraction: float = 0.1, seed: int = 0,
+                  root: str | os.PathLike | None = None) -> tuple[list[Path], list[Path]]:
+    """Deterministic train/eval split by case file (§ the paper holds out one tenth).
+
+    Stratified by modality: in each modality, files are sorted by path, permuted with a generator
+    seeded by (seed, modality), and round(n × eval_fraction) of them (at least 1 when n ≥ 2 and the
+    fraction > 0) go to eval. Independent of input order. Returns (train, eval), each sorted.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    groups: dict[str, list[Path]] = {}
+    for f in sorted({Path(f) for f in files}, key=str):
+        groups.setdefault(modality_of(f, root), []).append(f)
+    train, held = [], []
+    for m, fs in sorted(groups.items()):
+        n_eval = int(round(len(fs) * eval_fraction))
+        if eval_fraction > 0 and len(fs) >= 2:
+            n_eval = max(1, n_eval)
+        perm = np.random.default_rng([seed, zlib.crc32(m.encode())]).permutation(len(fs))
+        held += [fs[i] for i in perm[:n_eval]]
+        train += [fs[i] for i in perm[n_eval:]]
+    return sorted(train, key=str), sorted(held, key=str)
+
+
+# ────────────────────────────────────────────────────────────────────────────────────────────────
+# Synthetic challenge cases (phantoms with known masks) for tests and benchmarks
+# ────────────────────────────────────────────────────────────────────────────────────────────────
+MAX_OBJECTS = 255  # labels are uint8 (label i+1 ↔ box i)
+_BODY_MODALITIES = {"CT", "MR", "PET"}  # 3D phantoms get a body outline with dark air around it
+_COLOUR_MODALITIES = {"Dermoscopy", "Endoscopy", "Fundus", "Microscopy"}
+
+
+def _smooth_noise(rng: np.random.Generator, hw: tuple[int, int], cells: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1], float32 H×W: `cells` random values across the long side,
+    cubic-upsampled (cheap even at 4032×3024)."""
+    h, w = hw
+    gh = max(2, int(round(cells * h / max(h, w))))
+    gw = max(2, int(round(cells * w / max(h, w))))
+    big = cv2.resize(rng.random((gh, gw), dtype=np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    lo, hi = float(big.min()), float(big.max())
+    return (big - lo) / max(hi - lo, 1e-6)
+
+
+def _texture(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
+    """Three octaves of smooth noise: organ-scale shading plus finer tissue texture, float32 [0, 1]."""
+    fine = min(64, max(4, max(hw) // 8))
+    return 0.6 * _smooth_noise(rng, hw, 4) + 0.3 * _smooth_noise(rng, hw, 16) + 0.1 * _smooth_noise(rng, hw, fine)
+
+
+def _polygon(obj: dict, scale: float = 1.0) -> np.ndarray:
+    """Outline of an object (ellipse = no harmonics, blob = a few random harmonics of the radius),
+    scaled about its centre, int32 K×2 (x, y)."""
+    theta = np.linspace(0.0, 2 * np.pi, 96, endpoint=False)
+    r = np.ones_like(theta)
+    for k, (a, phi) in enumerate(obj["harmonics"], start=2):
+        r += a * np.cos(k * theta + phi)
+    x, y = scale * obj["rx"] * r * np.cos(theta), scale * obj["ry"] * r * np.sin(theta)
+    c, s = np.cos(obj["angle"]), np.sin(obj["angle"])
+    pts = np.stack([obj["cx"] + c * x - s * y, obj["cy"] + s * x + c * y], axis=1)
+    return np.round(pts).astype(np.int32)
+
+
+def _paint(canvas: np.ndarray, pts: np.ndarray, value: int) -> tuple[int, int, int, int] | None:
+    """Fill polygon `pts` with `value` in a uint8 canvas, working on its bounding patch only.
+    Returns the painted pixels' box (x0, y0, x1, y1), or None if nothing was painted."""
+    x0, y0 = np.maximum(pts.min(axis=0), 0)
+    x1 = min(int(pts[:, 0].max()), canvas.shape[1] - 1)
+    y1 = min(int(pts[:, 1].max()), canvas.shape[0] - 1)
+    if x1 < x0 or y1 < y0:
+        return None
+    patch = np.zeros((y1 - y0 + 1, x1 - x0 + 1), np.uint8)
+    cv2.fillPoly(patch, [pts - np.array([x0, y0], np.int32)], 1)
+    if not patch.any():
+        return None
+    canvas[y0:y1 + 1, x0:x1 + 1][patch > 0] = value
+    b = box_from_mask(patch)
+    return int(b[0] + x0), int(b[1] + y0), int(b[2] + x0), int(b[3] + y0)
+
+
+def _place_objects(rng: np.random.Generator, hw: tuple[int, int], n: int, fill: float = 0.3) -> list[dict]:
+    """n non-touching star-shaped footprints (ellipses and blobs, 2 px apart) inside an h×w image,
+    together covering about `fill` of it; shrinks the objects if the image gets crowded."""
+    h, w = hw
+    occupied = np.zeros((h, w), np.uint8)
+    base_r = max(2.0, min(np.sqrt(fill * h * w / (n * np.pi)), min(h, w) / 4))
+    kernel = np.ones((5, 5), np.uint8)
+    objs = []
+    for i in range(n):
+        for attempt in range(400):
+            r = base_r * rng.uniform(0.5, 1.0) * 0.85 ** (attempt // 25)
+            blob = rng.random() < 0.5
+            harmonics = [(rng.uniform(0.0, 0.12), rng.uniform(0, 2 * np.pi)) for _ in range(3)] if blob else []
+            obj = {"rx": max(1.5, r * rng.uniform(0.6, 1.0)), "ry": max(1.5, r * rng.uniform(0.6, 1.0)),
+                   "angle": rng.uniform(0, np.pi), "harmonics": harmonics}
+            ext = max(obj["rx"], obj["ry"]) * (1 + sum(a for a, _ in harmonics)) + 3
+            if 2 * ext >= min(h, w) - 2:
+                continue
+            obj["cx"], obj["cy"] = rng.uniform(ext, w - 1 - ext), rng.uniform(ext, h - 1 - ext)
+            pts = _polygon(obj)
+            x0, y0 = pts.min(axis=0) - 2
+            x1, y1 = pts.max(axis=0) + 2
+            patch = np.zeros((y1 - y0 + 1, x1 - x0 + 1), np.uint8)
+            cv2.fillPoly(patch, [pts - np.array([x0, y0], np.int32)], 1)
+            grown = cv2.dilate(patch, kernel)
+            region = occupied[y0:y1 + 1, x0:x1 + 1]
+            if not (region & grown).any():
+                region |= grown
+                objs.append(obj)
+                break
+        else:
+            raise RuntimeError(f"could not place object {i + 1} of {n} in a {h}×{w} image; use fewer objects")
+    return objs
+
+
+def _object_value(rng: np.random.Generator, background: float, contrast: float | None = None) -> float:
+    """Object grey level 45–90 (or ±`contrast`) away from its surroundings: visible from a box,
+    not trivially. Mostly brighter on dark and darker on bright backgrounds."""
+    if contrast is None:
+        sign = 1.0 if (background < 128) ^ (rng.random() < 0.2) else -1.0
+        contrast = sign * rng.uniform(45, 90)
+    value = background + contrast
+    if not 8 <= value <= 247:  # would saturate: go the other way
+        value = background - contrast
+    return float(np.clip(value, 8, 247))
+
+
+def make_synthetic_case(kind: str = "2D", shape: Sequence[int] | None = None, n_objects: int = 3,
+                        modality: str | None = None, seed: int = 0) -> dict:
+    """A challenge-format phantom with known labels.
+
+    2D: shape (H, W) (default 384×512, up to 4032×3024 and beyond) → imgs H×W×3 uint8,
+        gts H×W uint8, boxes N×4 int64 (x0, y0, x1, y1), spacing (1.0, 1.0).
+    3D: shape (D, H, W) (default 16×128×128) → imgs D×H×W uint8, gts D×H×W uint8,
+        boxes N×6 int64 (x0, y0, z0, x1, y1, z1), spacing (1.0, 1.0, 1.0) (isotropic, so the
+        axis order of the challenge's spacing does not matter for synthetic cases).
+    Objects are ellipses and blobs (random radial harmonics) of varied size and grey level on a
+    smooth textured background; in 3D they are star-shaped solids (cross-section shrinking towards
+    their ends) whose z-ranges all overlap around the middle slice. Label i+1 ↔ boxes[i], boxes are
+    the exact extents of the labels (inclusive pixel coordinates). 1 ≤ n_objects ≤ 255.
+    """
+    if kind not in ("2D", "3D"):
+        raise ValueError(f"kind must be '2D' or '3D', got {kind!r}")
+    if not 1 <= n_objects <= MAX_OBJECTS:
+        raise ValueError(f"n_objects must be in [1, {MAX_OBJECTS}], got {n_objects}")
+    modality = modality or ("Endoscopy" if kind == "2D" else "CT")
+    rng = np.random.default_rng(seed)
+    if kind == "2D":
+        h, w = (384, 512) if shape is None else (int(shape[0]), int(shape[1]))
+        objs = _place_objects(rng, (h, w), n_objects)
+        grey = 40 + 120 * _texture(rng, (h, w))
+        gts = np.zeros((h, w), np.uint8)
+        boxes = np.zeros((n_objects, 4), np.int64)
+        detail = _smooth_noise(rng, (h, w), min(128, max(4, max(h, w) // 4)))
+        for i, obj in enumerate(objs):
+            boxes[i] = _paint(gts, _polygon(obj), i + 1)
+            x0, y0, x1, y1 = boxes[i]
+            sel = gts[y0:y1 + 1, x0:x1 + 1] == i + 1
+            region = grey[y0:y1 + 1, x0:x1 + 1]
+            value = _object_value(rng, float(region[sel].mean()))
+            region[sel] = value + 25 * (detail[y0:y1 + 1, x0:x1 + 1][sel] - 0.5)
+        grey = cv2.GaussianBlur(grey, (0, 0), 1.0)  # soft edges, like a real acquisition
+        grey += rng.standard_normal((h, w), dtype=np.float32) * 3.0
+        if modality in _COLOUR_MODALITIES:
+            tint = rng.uniform(0.7, 1.1, size=3).astype(np.float32)
+            img = grey[:, :, None] * tint + rng.uniform(-15, 15, size=3).astype(np.float32)
+        else:
+            img = np.repeat(grey[:, :, None], 3, axis=2)
+        imgs = np.clip(img, 0, 255).astype(np.uint8)
+        spacing = np.asarray([1.0, 1.0])
+    else:
+        d, h, w = (16, 128, 128) if shape is None else (int(shape[0]), int(shape[1]), int(shape[2]))
+        objs = _place_objects(rng, (h, w), n_objects, fill=0.2)
+        n_keys = max(2, d // 12 + 1)
+        keys = [_texture(rng, (h, w)) for _ in range(n_keys)]
+        body = None
+        if modality in _BODY_MODALITIES:  # an elliptic body with dark air around it
+            body = np.zeros((h, w), np.uint8)
+            cv2.ellipse(body, (w // 2, h // 2), (int(w * 0.48), int(h * 0.47)), 0, 0, 360, 1, -1)
+        gts = np.zeros((d, h, w), np.uint8)
+        imgs = np.zeros((d, h, w), np.uint8)
+        boxes = np.full((n_objects, 6), -1, np.int64)
+        for obj in objs:
+            obj["zc"] = d / 2 + rng.uniform(-d / 8, d / 8)
+            obj["hz"] = rng.uniform(d / 5, d / 2.5) + 0.5
+        contrasts = None
+        for z in range(d):
+            t = z / max(d - 1, 1) * (n_keys - 1)
+            k = min(int(t), n_keys - 2)
+            grey = (1 - (t - k)) * keys[k] + (t - k) * keys[k + 1]
+            grey = 50 + 110 * grey
+            if body is not None:
+                grey = np.where(body > 0, grey, 6.0).astype(np.float32)
+            if contrasts is None:  # per-object contrast to the local background, fixed across slices
+                contrasts = [(1.0 if rng.random() < 0.6 else -1.0) * rng.uniform(45, 90) for _ in objs]
+            lab = gts[z]
+            for i, obj in enumerate(objs):
+                u = (z - obj["zc"]) / obj["hz"]
+                s = np.sqrt(max(0.0, 1.0 - u * u))
+                if s * min(obj["rx"], obj["ry"]) < 0.75:
+                    continue
+                b = _paint(lab, _polygon(obj, s), i + 1)
+                if b is None:
+                    continue
+                if boxes[i, 0] < 0:
+                    boxes[i] = (b[0], b[1], z, b[2], b[3], z)
+                else:
+                    boxes[i, :3] = np.minimum(boxes[i, :3], (b[0], b[1], z))
+                    boxes[i, 3:] = np.maximum(boxes[i, 3:], (b[2], b[3], z))
+            for i in range(n_objects):
+                sel = lab == i + 1
+                if sel.any():
+                    value = _object_value(rng, float(grey[sel].mean()), contrasts[i])
+                    grey[sel] = value + 20 * (keys[-1][sel] - 0.5)
+            grey = cv2.GaussianBlur(grey.astype(np.float32), (0, 0), 0.8)
+            grey += rng.standard_normal((h, w), dtype=np.float32) * 3.0
+            imgs[z] = np.clip(grey, 0, 255).astype(np.uint8)
+        if (boxes[:, 0] < 0).any():
+            raise RuntimeError(f"synthetic 3D case: an object was never painted (shape {d}×{h}×{w}); use a larger shape")
+        spacing = np.asarray([1.0, 1.0, 1.0])
+    return {"imgs": imgs, "boxes": boxes, "gts": gts, "spacing": spacing}
+
+
+def _atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """np.savez_compressed to a temporary file in the same folder, then os.replace (never a torn npz)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            np.savez_compressed(fp, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cases are meant to be shared (docker, other users)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_case(path: str | os.PathLike, case: dict, with_gts: bool = True) -> Path:
+    """Write a case dict (imgs, boxes, spacing[, gts]) as a challenge npz, atomically."""
+    keys = ["imgs", "boxes", "spacing"] + (["gts"] if with_gts else [])
+    _atomic_savez(path, **{k: case[k] for k in keys if k in case})
+    return Path(path)
+
+
+def case_name(kind: str, modality: str, number: int, tag: str = "synth") -> str:
+    """`2DBox_<Modality>_<tag>_XXXX.npz` / `3DBox_…` (the modality must not contain '_')."""
+    if "_" in modality:
+        raise ValueError(f"modality name {modality!r} must not contain '_' (it delimits the file name)")
+    return f"{kind}Box_{modality}_{tag}_{number:04d}.npz"
+
+
+def write_challenge_case(out_dir: str | os.PathLike, name: str, case: dict) -> Path:
+    """Challenge layout: `<out>/imgs/<name>` (imgs, boxes, spacing) and `<out>/gts/<name>` (gts, spacing)."""
+    out_dir = Path(out_dir)
+    write_case(out_dir / "imgs" / name, case, with_gts=False)
+    _atomic_savez(out_dir / "gts" / name, gts=case["gts"], spacing=case["spacing"])
+    return out_dir / "imgs" / name
+
+
+def write_synthetic_set(out_dir: str | os.PathLike, n2d: int = 6, n3d: int = 3, seed: int = 0,
+                        modalities_2d: Sequence[str] = ("Endoscopy", "X-Ray", "Dermoscopy", "Microscopy"),
+                        modalities_3d: Sequence[str] = ("CT", "MR", "PET"), tag: str = "synth",
+                        progress: bool = False) -> list[Path]:
+    """n2d 2D + n3d 3D random phantoms (sizes 192–512 px, 8–24 slices, 1–8 objects) in challenge
+    layout; modalities cycle through the given lists. Deterministic by seed. Returns imgs paths."""
+    rng = np.random.default_rng(seed)
+    written = []
+    for i in range(n2d + n3d):
+        kind = "2D" if i < n2d else "3D"
+        mods = modalities_2d if kind == "2D" else modalities_3d
+        mod = mods[(i if kind == "2D" else i - n2d) % len(mods)]
+        if kind == "2D":
+            shape = (int(rng.integers(192, 513)), int(rng.integers(192, 513)))
+            n_obj = int(rng.integers(1, 9))
+        else:
+            side = int(rng.integers(96, 161))
+            shape = (int(rng.integers(8, 25)), side, side)
+            n_obj = int(rng.integers(2, 6))
+        case = make_synthetic_case(kind, shape, n_obj, mod, seed=int(rng.integers(2**31)))
+        written.append(write_challenge_case(out_dir, case_name(kind, mod, i, tag), case))
+        if progress:
+            print(f"wrote {written[-1].name} {case['imgs'].shape} {n_obj} objects", file=sys.stderr)
+    return written
+
+
+# (kind, modality, shape, n_objects): the benchmark set, named <kind>Box_<Modality>_bench_XXXX.npz
+BENCH_CASES = (
+    ("3D", "CT", (64, 512, 512), 6),         # CT-like volume, 6 objects with overlapping z-ranges
+    ("2D", "Microscopy", (1024, 1024), 128),  # many boxes: 120+ prompts on one image
+    ("2D", "Endoscopy", (3024, 4032), 3),     # the largest challenge image size
+    ("2D", "X-Ray", (512, 512), 4),
+    ("3D", "MR", (24, 256, 224), 4),
+)
+
+
+def write_bench_set(out_dir: str | os.PathLike, seed: int = 0, progress: bool = False) -> list[Path]:
+    """The benchmark set (BENCH_CASES) in challenge layout. Returns imgs paths."""
+    written = []
+    for i, (kind, mod, shape, n_obj) in enumerate(BENCH_CASES):
+        case = make_synthetic_case(kind, shape, n_obj, mod, seed=seed * 1000 + i)
+        written.append(write_challenge_case(out_dir, case_name(kind, mod, i, "bench"), case))
+        if progress:
+            print(f"wrote {written[-1].name} {case['imgs'].shape} {n_obj} objects", file=sys.stderr)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import time
+
+    p = argparse.ArgumentParser(description="QMedSAM data tools: synthetic challenge cases and index summaries.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("synth", help="write random synthetic cases in challenge layout (<out>/imgs, <out>/gts)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--n2d", type=int, default=6, help="number of 2D cases")
+    s.add_argument("--n3d", type=int, default=3, help="number of 3D cases")
+    s.add_argument("--seed", type=int, default=0, help="random seed (same seed → same files)")
+    b = sub.add_parser("bench-set", help="write the benchmark set (3D 64×512×512 CT-like, 2D with 128 boxes, 4032×3024 2D, …)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--seed", type=int, default=0, help="random seed")
+    x = sub.add_parser("index", help="index a tree of cases (headers only) and print slices per modality",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("root", help="folder of challenge npz cases")
+    x.add_argument("--strategy", choices=("min", "max10"), default="min", help="balanced-sampler strategy for Ns(m)")
+    a = p.parse_args(argv)
+    if a.cmd == "synth":
+        paths = write_synthetic_set(a.out, a.n2d, a.n3d, a.seed, progress=True)
+        print(f"{len(paths)} cases in {a.out}")
+    elif a.cmd == "bench-set":
+        paths = write_bench_set(a.out, a.seed, progress=True)
+        print(f"{len(paths)} cases in {a.out}")
+    else:
+        t0 = time.perf_counter()
+        idx = SliceIndex(a.root, require_labels=False, progress=True)
+        dt = time.perf_counter() - t0
+        ns = samples_per_modality(idx.slices_per_modality(), a.strategy)
+        print(f"{len(idx.files)} files, {len(idx)} slices, indexed in {dt:.2f} s")
+        for m, n in idx.slices_per_modality().items():
+            print(f"  {m:12s} N={n:8d}  Ns({a.strategy})={ns.get(m, 0)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
