@@ -1,0 +1,667 @@
+"""Inference: the challenge entrypoint. A folder of challenge npz cases → a folder of `segs` label maps.
+
+    python infer.py -i INPUT_DIR -o OUTPUT_DIR [-m MODEL_DIR] [-b BLOCK] [--3d-prompt box|propagate|hybrid] ...
+
+Per case `X.npz` (2D `imgs` H×W×3 + `boxes` N×4, or 3D `imgs` D×H×W + `boxes` N×6) it writes
+OUTPUT_DIR/X.npz with `segs`: uint8 label map (H×W or D×H×W), label i+1 where box i's mask is.
+  * Overlap: where masks of two boxes overlap the HIGHER label (the later box) wins, like the
+    challenge baseline; it is applied as a per-pixel max, so it does not depend on processing order.
+  * Outputs are written atomically (temporary file in OUTPUT_DIR + os.replace): a kill never leaves a
+    truncated npz; a rerun skips cases already done unless --overwrite.
+  * Per-case seconds (load → save) go to a CSV `case,time` beside OUTPUT_DIR, never inside it
+    (default `<OUTPUT_DIR>_times.csv`), so the challenge evaluator only ever sees the npz results.
+  * Bad inputs: repaired where the intent is clear (boxes clipped/swapped, intensities min-max
+    normalised, NaN/inf replaced, alpha dropped), with one warning line naming the file; otherwise the
+    case is skipped with one error line, the others still run, and the exit code is 1.
+    Exit codes: 0 all cases done, 1 some case failed, 2 nothing could run (bad dirs, no model).
+  * 3D: every 3D box becomes per-slice 2D boxes; each slice's embedding is computed once for all the
+    boxes on it. Decoder calls take at most BLOCK boxes; each box's logits are resized and written into
+    the label map one at a time, so memory never holds N full-size masks.
+
+Imports numpy, opencv, openvino, tqdm and data.py's preprocessing only (onnxruntime only for
+--backend onnxruntime): no torch, so the Docker image stays small.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+import data
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL_DIR = REPO_DIR / "models" / "default"
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qmedsam" / "ov"
+DEFAULT_BLOCK = 16  # boxes per decoder call: see bench_memory.py (memory flat in N, time ~ same as 64)
+MAX_LABELS = 255  # a uint8 label map holds labels 1..255
+
+# 3D prompt mode per modality (from `3DBox_<Modality>_…` names). Issue 9 measures and edits this table;
+# until then the paper's fixed per-slice box everywhere.
+PROMPT_3D_BY_MODALITY: dict[str, str] = {"CT": "box", "MR": "box", "PET": "box"}
+PROMPT_3D_FALLBACK = "box"
+PROMPT_3D_MODES = ("box", "propagate", "hybrid")
+HYBRID_MIN_AREA_RATIO = 0.5  # hybrid: fall back to the 3D box when the mask shrinks below this × previous
+EMBED_CACHE_MB = 1024  # propagate/hybrid keep slice embeddings for the downward sweep up to this size
+
+
+class CaseError(Exception):
+    """A case that cannot be segmented; the message names the problem (the file name is added later)."""
+
+
+# ---- models ------------------------------------------------------------------------------------------
+class OpenVINOModel:
+    """encoder.xml (image B×3×256×256 → image_embedding B×256×64×64) and decoder.xml (image_embedding
+    1×256×64×64 + boxes N×4 in model space → low_res_logits N×1×256×256), compiled once on CPU."""
+
+    def __init__(self, model_dir: Path, precision: str = "auto", threads: int | None = None,
+                 cache_dir: Path | None = DEFAULT_CACHE_DIR):
+        import openvino as ov
+
+        core = ov.Core()
+        if cache_dir:
+            try:
+                Path(cache_dir).mkdir(parents=True, exist_ok=True)
+                core.set_property({"CACHE_DIR": str(cache_dir)})
+            except OSError:
+                pass  # a read-only home must not stop inference: compile without the cache
+        config: dict = {}
+        if precision != "auto":  # this CPU runs f32 IRs in bf16 unless told otherwise
+            config["INFERENCE_PRECISION_HINT"] = precision
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.encoder = core.compile_model(str(Path(model_dir) / "encoder.xml"), "CPU", config)
+        self.decoder = core.compile_model(str(Path(model_dir) / "decoder.xml"), "CPU", config)
+        self.precision = str(self.encoder.get_property("INFERENCE_PRECISION_HINT"))
+        self._image = _port(self.encoder.inputs, "image", 0)
+        self._embedding_out = _port(self.encoder.outputs, "image_embedding", 0)
+        self._embedding_in = _port(self.decoder.inputs, "image_embedding", 0)
+        self._boxes = _port(self.decoder.inputs, "boxes", 1)
+        self._logits = _port(self.decoder.outputs, "low_res_logits", 0)
+        self._enc_request = self.encoder.create_infer_request()
+        self._dec_request = self.decoder.create_infer_request()
+        self.encoder_calls = 0
+        self.decoder_calls = 0
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """image B×3×256×256 float32 → image_embedding B×256×64×64 (a copy)."""
+        self.encoder_calls += 1
+        return self._enc_request.infer({self._image: image})[self._embedding_out]
+
+    def decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
+        """image_embedding 1×256×64×64, boxes_256 N×4 → low_res_logits N×1×256×256 (a copy)."""
+        self.decoder_calls += 1
+        out = self._dec_request.infer({self._embedding_in: image_embedding,
+                                       self._boxes: np.ascontiguousarray(boxes_256, np.float32)})
+        return out[self._logits]
+
+
+class OnnxRuntimeModel:
+    """The same contract from encoder.onnx / decoder.onnx through ONNX Runtime (CPU)."""
+
+    def __init__(self, model_dir: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        make = lambda name: ort.InferenceSession(str(Path(model_dir) / name), options,  # noqa: E731
+                                                 providers=["CPUExecutionProvider"])
+        self.encoder, self.decoder = make("encoder.onnx"), make("decoder.onnx")
+        self.precision = "f32"
+        names = lambda ports: [p.name for p in ports]  # noqa: E731
+        self._image = _pick(names(self.encoder.get_inputs()), "image", 0)
+        self._embedding_out = _pick(names(self.encoder.get_outputs()), "image_embedding", 0)
+        self._embedding_in = _pick(names(self.decoder.get_inputs()), "image_embedding", 0)
+        self._boxes = _pick(names(self.decoder.get_inputs()), "boxes", 1)
+        self._logits = _pick(names(self.decoder.get_outputs()), "low_res_logits", 0)
+        self.encoder_calls = 0
+        self.decoder_calls = 0
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """image B×3×256×256 float32 → image_embedding B×256×64×64."""
+        self.encoder_calls += 1
+        return self.encoder.run([self._embedding_out], {self._image: image})[0]
+
+    def decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
+        """image_embedding 1×256×64×64, boxes_256 N×4 → low_res_logits N×1×256×256."""
+        self.decoder_calls += 1
+        return self.decoder.run([self._logits], {self._embedding_in: image_embedding,
+                                                 self._boxes: np.ascontiguousarray(boxes_256, np.float32)})[0]
+
+
+def _port(ports, name: str, index: int):
+    """The port called `name`, else the one at `index` (exported graphs may lose their names)."""
+    for port in ports:
+        if name in port.get_names():
+            return port
+    return ports[index]
+
+
+def _pick(names: list[str], name: str, index: int) -> str:
+    return name if name in names else names[index]
+
+
+def load_model(model_dir: Path, backend: str = "openvino", precision: str = "auto",
+               threads: int | None = None, cache_dir: Path | None = DEFAULT_CACHE_DIR):
+    """The model of `model_dir` for `backend`; raises FileNotFoundError with a one-line how-to-fix."""
+    model_dir = Path(model_dir)
+    needed = ("encoder.xml", "decoder.xml") if backend == "openvino" else ("encoder.onnx", "decoder.onnx")
+    missing = [n for n in needed if not (model_dir / n).is_file()]
+    if missing:
+        what = "not found" if not model_dir.is_dir() else f"has no {', '.join(missing)}"
+        raise FileNotFoundError(f"model dir {model_dir} {what}: make one with "
+                                f"`python export.py --checkpoint CKPT --out {model_dir}` (or pass -m MODEL_DIR)")
+    if backend == "openvino":
+        return OpenVINOModel(model_dir, precision, threads, cache_dir)
+    return OnnxRuntimeModel(model_dir, threads)
+
+
+# ---- reading and repairing a case --------------------------------------------------------------------
+@dataclass
+class Case:
+    """A validated case. imgs: 2D H×W or H×W×3 (any numeric dtype), 3D D×H×W; boxes: float64 N×4 (2D,
+    x0 y0 x1 y1) or N×6 (3D, x0 y0 z0 x1 y1 z1) in pixels, repaired; valid: bool N (False → no mask)."""
+    name: str
+    imgs: np.ndarray
+    boxes: np.ndarray
+    valid: np.ndarray
+    is_3d: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def segs_shape(self) -> tuple[int, ...]:
+        return tuple(self.imgs.shape) if self.is_3d else tuple(self.imgs.shape[:2])
+
+    @property
+    def modality(self) -> str:
+        parts = self.name.split("_")
+        return parts[1] if len(parts) > 2 and parts[0][:2] in ("2D", "3D") else "unknown"
+
+
+def load_case(path: Path) -> Case:
+    """Read a challenge npz and repair it (see repair_case); CaseError when it cannot be read."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise CaseError("not a readable .npz (not a zip archive: truncated or another format)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("imgs", "boxes") if k not in npz.files]
+            if missing:
+                raise CaseError(f"missing array {' and '.join(map(repr, missing))} (has: {', '.join(npz.files) or 'nothing'})")
+            imgs, boxes = npz["imgs"], npz["boxes"]
+    except CaseError:
+        raise
+    except Exception as e:  # truncated members, pickled objects, bad headers
+        raise CaseError(f"cannot read the npz ({type(e).__name__}: {e})") from e
+    return repair_case(path.name, imgs, boxes)
+
+
+def repair_case(name: str, imgs: np.ndarray, boxes: np.ndarray) -> Case:
+    """Decide 2D/3D and repair what has a clear intent; CaseError otherwise. Every repair adds a note."""
+    notes: list[str] = []
+    imgs, boxes = np.asarray(imgs), np.asarray(boxes)
+    if imgs.dtype == bool:
+        imgs = imgs.astype(np.uint8) * np.uint8(255)
+        notes.append("imgs is bool: used as 0/255")
+    elif not (np.issubdtype(imgs.dtype, np.integer) or np.issubdtype(imgs.dtype, np.floating)):
+        raise CaseError(f"imgs has dtype {imgs.dtype}: expected numbers (uint8)")
+    if imgs.size == 0:
+        raise CaseError(f"imgs is empty (shape {imgs.shape})")
+
+    name_dim = name[:2] if name[:2] in ("2D", "3D") else None
+    box_dim = {4: "2D", 6: "3D"}.get(boxes.shape[-1] if boxes.ndim else -1)
+    if imgs.ndim == 4 and imgs.shape[3] == 1:
+        imgs, is_3d = imgs[..., 0], True
+    elif imgs.ndim == 2:
+        is_3d = False
+    elif imgs.ndim == 3 and imgs.shape[2] in (1, 3, 4) and (name_dim or box_dim) != "3D":
+        is_3d = False  # H×W×C: a colour image unless the name (or the boxes) say 3D
+    elif imgs.ndim == 3 and name_dim != "2D":
+        is_3d = True
+    else:
+        raise CaseError(f"imgs has shape {imgs.shape}: expected H×W×3 (2D) or D×H×W (3D)")
+    if not is_3d and imgs.ndim == 3 and imgs.shape[2] == 1:
+        imgs = imgs[:, :, 0]
+    if not is_3d and imgs.ndim == 3 and imgs.shape[2] == 4:
+        imgs = imgs[:, :, :3]
+        notes.append("imgs is H×W×4 (RGBA): alpha ignored")
+
+    if imgs.dtype != np.uint8:
+        if np.issubdtype(imgs.dtype, np.floating):
+            n_bad = int(imgs.size - np.count_nonzero(np.isfinite(imgs)))
+            if n_bad == imgs.size:
+                raise CaseError("imgs has no finite values (all NaN/inf)")
+            if n_bad:
+                notes.append(f"imgs has {n_bad} NaN/inf values: replaced by the finite min/max")
+        finite = imgs[np.isfinite(imgs)] if imgs.dtype.kind == "f" else imgs
+        lo, hi = finite.min(), finite.max()
+        del finite
+        notes.append(f"imgs dtype {imgs.dtype} (range {lo:.4g}..{hi:.4g}, expected uint8): min-max normalised")
+
+    depth, height, width = (imgs.shape if is_3d else (1, *imgs.shape[:2]))
+    boxes = _boxes_matrix(boxes, is_3d, depth, notes)
+    boxes, valid = _repair_boxes(boxes, is_3d, depth, height, width, notes)
+    return Case(name, imgs, boxes, valid, is_3d, notes)
+
+
+def _boxes_matrix(boxes: np.ndarray, is_3d: bool, depth: int, notes: list[str]) -> np.ndarray:
+    """boxes as float64 N×4 (2D) or N×6 (3D), or CaseError."""
+    if boxes.dtype == bool or not (np.issubdtype(boxes.dtype, np.integer) or np.issubdtype(boxes.dtype, np.floating)):
+        raise CaseError(f"boxes have dtype {boxes.dtype}: expected numbers")
+    cols = 6 if is_3d else 4
+    if boxes.size == 0:
+        notes.append("no boxes: wrote an empty label map")
+        return np.zeros((0, cols))
+    if boxes.ndim == 1 and boxes.size in (4, 6):
+        boxes = boxes[None]
+    if boxes.ndim != 2 or boxes.shape[1] not in (4, 6):
+        raise CaseError(f"boxes have shape {boxes.shape}: expected N×4 (2D) or N×6 (3D)")
+    boxes = boxes.astype(np.float64)
+    if is_3d and boxes.shape[1] == 4:
+        if depth != 1:
+            raise CaseError(f"boxes are N×4 (x0,y0,x1,y1) but imgs is a 3D volume of {depth} slices: "
+                            "need N×6 (x0,y0,z0,x1,y1,z1)")
+        notes.append("boxes are N×4 for a one-slice volume: used on slice 0")
+        boxes = np.insert(boxes, [2, 4], 0.0, axis=1)
+    if not is_3d and boxes.shape[1] == 6:
+        notes.append("boxes are N×6 (x0,y0,z0,x1,y1,z1) for a 2D image: z ignored")
+        boxes = boxes[:, [0, 1, 3, 4]]
+    return boxes
+
+
+def _rows(index: np.ndarray) -> str:
+    """'box 3' / 'boxes 1, 4, 9 …(+5)' for 0-based box rows (label = row + 1)."""
+    index = [int(i) for i in np.flatnonzero(index)]
+    head = ", ".join(map(str, index[:6])) + (f" …(+{len(index) - 6})" if len(index) > 6 else "")
+    return f"box{'es' if len(index) > 1 else ''} {head}"
+
+
+def _repair_boxes(boxes: np.ndarray, is_3d: bool, depth: int, height: int, width: int,
+                  notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Swap reversed corners, clip to the image, round z; boxes wholly outside, non-finite or beyond
+    label 255 are marked invalid (no mask, their label stays reserved)."""
+    n, half = len(boxes), boxes.shape[1] // 2
+    valid = np.ones(n, bool)
+    finite = np.isfinite(boxes).all(axis=1)
+    if not finite.all():
+        notes.append(f"{_rows(~finite)} have NaN/inf coordinates: not segmented")
+        valid &= finite
+        boxes = np.where(finite[:, None], boxes, 0.0)
+    lo, hi = boxes[:, :half], boxes[:, half:]
+    swapped = (hi < lo).any(axis=1)
+    if swapped.any():
+        notes.append(f"{_rows(swapped)} have x1 < x0 (or y, z): corners swapped")
+        lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
+    if is_3d:
+        z_frac = (lo[:, 2] != np.round(lo[:, 2])) | (hi[:, 2] != np.round(hi[:, 2]))
+        if z_frac.any():
+            notes.append(f"{_rows(z_frac & valid)} have non-integer z: rounded")
+        lo[:, 2], hi[:, 2] = np.round(lo[:, 2]), np.round(hi[:, 2])
+    limit = np.array([width, height, depth - 1][:half], np.float64)  # x, y: pixel edges; z: slice index
+    outside = ((lo > limit) | (hi < 0)).any(axis=1) & valid
+    if outside.any():
+        notes.append(f"{_rows(outside)} lie wholly outside the image: not segmented")
+        valid &= ~outside
+    clipped_lo, clipped_hi = np.clip(lo, 0, limit), np.clip(hi, 0, limit)
+    partly = ((clipped_lo != lo) | (clipped_hi != hi)).any(axis=1) & valid
+    if partly.any():
+        notes.append(f"{_rows(partly)} partly outside the image: clipped")
+    zero = ((clipped_hi[:, :2] - clipped_lo[:, :2]) <= 0).any(axis=1) & valid
+    if zero.any():
+        notes.append(f"{_rows(zero)} have zero width or height: segmented as given")
+    if n > MAX_LABELS:
+        notes.append(f"{n} boxes but a uint8 label map holds {MAX_LABELS}: boxes {MAX_LABELS}.. not segmented")
+        valid[MAX_LABELS:] = False
+    return np.concatenate([clipped_lo, clipped_hi], axis=1), valid
+
+
+def model_input(img2d: np.ndarray) -> np.ndarray:
+    """One 2D image (H×W or H×W×3, any numeric dtype) → float32 3×256×256 via data.preprocess_image.
+    Non-uint8 images are first mapped linearly to 0..255 with NaN/inf set to the finite min/max: the
+    min-max normalisation inside preprocess_image makes that exact, and keeps float32 finite."""
+    if img2d.dtype != np.uint8:
+        a = img2d.astype(np.float64)
+        finite = np.isfinite(a)
+        if not finite.all():
+            if not finite.any():
+                a = np.zeros_like(a)
+            else:
+                fin = a[finite]
+                a = np.nan_to_num(a, nan=fin.min(), posinf=fin.max(), neginf=fin.min())
+        lo, hi = a.min(), a.max()
+        img2d = ((a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)).astype(np.float32)
+    return data.preprocess_image(img2d)
+
+
+# ---- segmentation ------------------------------------------------------------------------------------
+def _write(segs2d: np.ndarray, mask: np.ndarray, label: int) -> None:
+    """Overlap rule: the higher label (the later box) wins, independent of the writing order."""
+    np.maximum(segs2d, np.uint8(label), out=segs2d, where=mask)
+
+
+def _decode_masks(model, image_embedding: np.ndarray, boxes_xy: np.ndarray, hw: tuple[int, int], block: int):
+    """Yield (k, bool H×W mask) for each row k of boxes_xy (N×4 original pixels), ≤ block per decoder call."""
+    boxes_256 = data.boxes_to_256(boxes_xy, hw)
+    for start in range(0, len(boxes_xy), block):
+        low_res_logits = model.decode(image_embedding, boxes_256[start:start + block])
+        for j in range(low_res_logits.shape[0]):
+            yield start + j, data.postprocess_logits(low_res_logits[j, 0], hw)
+        del low_res_logits
+
+
+def segment_2d(model, case: Case, block: int) -> np.ndarray:
+    """2D case → uint8 H×W label map: one encoder call, ⌈N/block⌉ decoder calls."""
+    hw = case.segs_shape
+    segs = np.zeros(hw, np.uint8)
+    rows = np.flatnonzero(case.valid)
+    if len(rows) == 0:
+        return segs
+    image_embedding = model.encode(model_input(case.imgs)[None])
+    for k, mask in _decode_masks(model, image_embedding, case.boxes[rows], hw, block):
+        _write(segs, mask, int(rows[k]) + 1)
+    return segs
+
+
+def _bbox(mask: np.ndarray) -> np.ndarray | None:
+    """Bounding box (x0, y0, x1, y1) of a bool H×W mask in pixel indices, None if empty."""
+    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+    if len(cols) == 0:
+        return None
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], np.float64)
+
+
+def segment_3d(model, case: Case, block: int, prompt: str = "box",
+               min_area_ratio: float = HYBRID_MIN_AREA_RATIO, cache_mb: float = EMBED_CACHE_MB) -> np.ndarray:
+    """3D case → uint8 D×H×W label map. Each slice's embedding is computed once for all its boxes.
+
+    box:       every slice of a box's z-range gets the box's x/y (the paper's way).
+    propagate: the middle slice of the z-range gets the box; each next slice (up, then down) gets the
+               bounding box of the previous slice's mask; a box stops when its mask vanishes.
+    hybrid:    propagate, but use the 3D box's x/y on a slice whose propagated mask is empty or smaller
+               than `min_area_ratio` × the previous slice's.
+    """
+    depth, height, width = case.imgs.shape
+    hw = (height, width)
+    segs = np.zeros((depth, height, width), np.uint8)
+    rows = np.flatnonzero(case.valid)
+    if len(rows) == 0:
+        return segs
+    xy = case.boxes[rows][:, [0, 1, 3, 4]]
+    z0, z1 = case.boxes[rows, 2].astype(int), case.boxes[rows, 5].astype(int)
+    labels = rows + 1
+
+    def embed(z: int) -> np.ndarray:
+        return model.encode(model_input(case.imgs[z])[None])
+
+    if prompt == "box":
+        for z in range(int(z0.min()), int(z1.max()) + 1):
+            active = np.flatnonzero((z0 <= z) & (z <= z1))
+            if len(active) == 0:
+                continue
+            emb = embed(z)
+            for k, mask in _decode_masks(model, emb, xy[active], hw, block):
+                _write(segs[z], mask, int(labels[active[k]]))
+        return segs
+
+    if prompt not in ("propagate", "hybrid"):
+        raise ValueError(f"unknown 3D prompt mode {prompt!r}")
+    mid = (z0 + z1) // 2  # the baseline's int((z1 - z0) / 2 + z0)
+    cache: dict[int, np.ndarray] = {}
+    cache_slices = int(cache_mb * 2**20 // (256 * 64 * 64 * 4))
+    mid_state: dict[int, tuple[np.ndarray | None, int]] = {}  # box → (mask bbox, area) on its middle slice
+
+    for direction in (+1, -1):
+        start = mid if direction > 0 else mid - 1
+        end = z1 if direction > 0 else z0
+        todo = np.flatnonzero((end - start) * direction >= 0)
+        if len(todo) == 0:
+            continue
+        prompt_box: dict[int, np.ndarray | None] = {}
+        prev_area: dict[int, int] = {}
+        for i in todo:
+            if direction > 0:
+                prompt_box[i], prev_area[i] = xy[i], 0
+            else:
+                bbox, area = mid_state[i]
+                prompt_box[i] = bbox if bbox is not None or prompt == "propagate" else xy[i]
+                prev_area[i] = area
+        zs = range(int(start[todo].min()), int(end[todo].max()) + 1) if direction > 0 else \
+            range(int(start[todo].max()), int(end[todo].min()) - 1, -1)
+        for z in zs:
+            active = [i for i in todo if (z - start[i]) * direction >= 0 and (end[i] - z) * direction >= 0
+                      and prompt_box[i] is not None]
+            if not active:
+                continue
+            emb = cache.pop(z) if z in cache else embed(z)
+            if direction > 0 and len(cache) < cache_slices and ((z0 <= z) & (z < mid)).any():
+                cache[z] = emb  # the downward sweep will need this slice again
+            masks = {active[k]: m for k, m in _decode_masks(model, emb, np.stack([prompt_box[i] for i in active]), hw, block)}
+            if prompt == "hybrid":
+                retry = [i for i in active if not np.array_equal(prompt_box[i], xy[i]) and
+                         (not masks[i].any() or masks[i].sum() < min_area_ratio * prev_area[i])]
+                if retry:
+                    for k, m in _decode_masks(model, emb, xy[retry], hw, block):
+                        masks[retry[k]] = m
+            for i in active:
+                mask = masks.pop(i)
+                _write(segs[z], mask, int(labels[i]))
+                area, bbox = int(mask.sum()), _bbox(mask)
+                if direction > 0 and z == mid[i]:
+                    mid_state[i] = (bbox, area)
+                prompt_box[i] = bbox if bbox is not None or prompt == "propagate" else xy[i]
+                prev_area[i] = area
+    return segs
+
+
+def prompt_mode(case: Case, override: str | None) -> str:
+    """--3d-prompt if given, else the per-modality default table."""
+    return override or PROMPT_3D_BY_MODALITY.get(case.modality, PROMPT_3D_FALLBACK)
+
+
+def segment_case(model, case: Case, block: int = DEFAULT_BLOCK, prompt_3d: str | None = None) -> np.ndarray:
+    """A repaired case → its uint8 label map (shape case.segs_shape)."""
+    if case.is_3d:
+        return segment_3d(model, case, block, prompt_mode(case, prompt_3d))
+    return segment_2d(model, case, block)
+
+
+# ---- files -------------------------------------------------------------------------------------------
+def save_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez_compressed to a temporary file beside `path` (not *.npz, so no evaluator picks it up),
+    then os.replace: readers see the old file or the whole new one, never a truncated one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_times(path: Path | None) -> dict[str, float]:
+    if not path or not path.is_file():
+        return {}
+    try:
+        with open(path, newline="") as f:
+            return {row["case"]: float(row["time"]) for row in csv.DictReader(f)}
+    except (OSError, KeyError, ValueError):
+        return {}  # an unreadable old CSV is replaced, not fatal
+
+
+def write_times(path: Path, times: dict[str, float]) -> None:
+    """The per-case `case,time` CSV (seconds), rewritten atomically after every case."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", "time"])
+        writer.writerows([name, f"{t:.4f}"] for name, t in sorted(times.items()))
+    os.replace(tmp, path)
+
+
+def write_overlay(path: Path, case: Case, segs: np.ndarray) -> None:
+    """A PNG of the image (3D: the slice with most labelled pixels) with the labels blended in colour."""
+    if case.is_3d:
+        z = int(np.argmax((segs > 0).reshape(len(segs), -1).sum(axis=1)))
+        img, seg = case.imgs[z], segs[z]
+    else:
+        img, seg = case.imgs, segs
+    base = (model_input(img)[0] * 255)  # normalised, padded 256² view: crop it back to the image
+    nh, nw = data.resized_shape(img.shape[:2])
+    base = cv2.resize(base[:nh, :nw], (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR)
+    bgr = cv2.cvtColor(base.astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    hue = (seg.astype(np.int32) * 47 % 180).astype(np.uint8)  # 47: labels 1, 2, 3… get far-apart hues
+    colour = cv2.cvtColor(np.stack([hue, np.full_like(hue, 255), np.full_like(hue, 255)], -1), cv2.COLOR_HSV2BGR)
+    on = seg > 0
+    bgr[on] = (0.5 * bgr[on] + 0.5 * colour[on]).astype(np.uint8)
+    cv2.imwrite(str(path), bgr)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Segment every challenge .npz case of INPUT_DIR into OUTPUT_DIR "
+                                "(segs label maps). Exit code 0: all done, 1: some case failed, 2: could not run.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-i", "--input", required=True, type=Path, help="folder of input .npz cases (imgs, boxes)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="folder for the output .npz (segs), created if missing")
+    p.add_argument("-m", "--model", type=Path, default=DEFAULT_MODEL_DIR,
+                   help="model dir with encoder/decoder .xml/.bin (or .onnx for --backend onnxruntime)")
+    p.add_argument("-b", "--block", type=int, default=DEFAULT_BLOCK, help="max boxes per decoder call (bounds memory)")
+    p.add_argument("--precision", choices=("f32", "bf16", "auto"), default="auto",
+                   help="OpenVINO INFERENCE_PRECISION_HINT; auto = OpenVINO's default for this CPU")
+    p.add_argument("--backend", choices=("openvino", "onnxruntime"), default="openvino", help="inference runtime")
+    p.add_argument("--threads", type=int, default=None, help="inference threads (default: the runtime's choice)")
+    p.add_argument("--3d-prompt", dest="prompt_3d", choices=PROMPT_3D_MODES, default=None,
+                   help=f"how 3D boxes prompt each slice; default per modality {PROMPT_3D_BY_MODALITY}, "
+                        f"else {PROMPT_3D_FALLBACK}")
+    p.add_argument("--overlay", type=Path, default=None, help="also write a PNG overlay per case into this folder")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or info lines (warnings and errors still print)")
+    p.add_argument("--times", type=str, default=None,
+                   help="per-case seconds CSV (case,time); default <OUTPUT_DIR>_times.csv beside OUTPUT_DIR; '' = none")
+    p.add_argument("--cache-dir", type=str, default=str(DEFAULT_CACHE_DIR),
+                   help="OpenVINO compiled-model cache folder; '' = no cache")
+    p.add_argument("--gts", type=Path, default=None,
+                   help="folder of ground-truth npz (gts, spacing): print DSC/NSD per case and modality after inference")
+    args = p.parse_args(argv)
+    if args.block < 1:
+        p.error("-b/--block must be ≥ 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    say = (lambda msg: tqdm.write(msg, file=sys.stderr))
+    info = (lambda msg: None) if args.quiet else say
+
+    in_dir, out_dir = args.input, args.output
+    if not in_dir.is_dir():
+        say(f"infer: error: input dir {in_dir} not found")
+        return 2
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # probe: fail once, here, not once per case
+    except OSError as e:
+        say(f"infer: error: cannot write to output dir {out_dir}: {e.strerror or e}")
+        return 2
+    times_path = Path(args.times) if args.times else None
+    if args.times is None:
+        resolved = out_dir.resolve()
+        times_path = resolved.parent / f"{resolved.name}_times.csv"
+    if args.overlay:
+        args.overlay.mkdir(parents=True, exist_ok=True)
+
+    entries = sorted(in_dir.iterdir())
+    cases = [p for p in entries if p.name.endswith(".npz")]
+    for p in entries:
+        if not p.name.endswith(".npz") and not p.name.startswith("."):
+            info(f"infer: {p.name}: ignored ({'a directory' if p.is_dir() else 'not an .npz file'})")
+    todo = [p for p in cases if args.overwrite or not (out_dir / p.name).exists()]
+    done_before = len(cases) - len(todo)
+
+    model = None
+    if todo:
+        try:
+            model = load_model(args.model, args.backend, args.precision, args.threads, args.cache_dir or None)
+        except FileNotFoundError as e:
+            say(f"infer: error: {e}")
+            return 2
+        except Exception as e:  # a corrupt IR, an unsupported op: one line, not a traceback
+            say(f"infer: error: cannot load the model from {args.model}: {type(e).__name__}: {e}")
+            return 2
+        info(f"infer: {args.backend} model {args.model}, inference precision {model.precision}"
+             f"{' (auto)' if args.precision == 'auto' and args.backend == 'openvino' else ''}, block {args.block}")
+
+    times = read_times(times_path)
+    n_ok, failed = 0, []
+    bar = tqdm(todo, desc="infer", unit="case", file=sys.stderr, disable=args.quiet or not todo, dynamic_ncols=True)
+    for path in bar:
+        bar.set_postfix_str(path.name, refresh=False)
+        t0 = time.perf_counter()
+        try:
+            if path.is_dir():
+                raise CaseError("is a directory, not an npz file")
+            case = load_case(path)
+            if case.notes:
+                say(f"infer: {path.name}: warning: " + "; ".join(case.notes))
+            segs = segment_case(model, case, args.block, args.prompt_3d)
+            save_atomic(out_dir / path.name, segs=segs)
+            times[path.name] = time.perf_counter() - t0
+        except CaseError as e:
+            say(f"infer: {path.name}: error: {e}: skipped")
+            failed.append(path.name)
+            continue
+        except MemoryError:
+            say(f"infer: {path.name}: error: out of memory (try a smaller -b): skipped")
+            failed.append(path.name)
+            continue
+        except Exception as e:  # one bad case must not take the others down
+            say(f"infer: {path.name}: error: {type(e).__name__}: {e}: skipped")
+            failed.append(path.name)
+            continue
+        n_ok += 1
+        if times_path:
+            try:
+                write_times(times_path, times)
+            except OSError as e:
+                say(f"infer: warning: cannot write times CSV {times_path}: {e.strerror or e}")
+                times_path = None
+        if args.overlay:
+            write_overlay(args.overlay / f"{path.stem}.png", case, segs)
+    bar.close()
+
+    summary = (f"infer: {len(cases)} cases: {n_ok} segmented, {done_before} already done"
+               f"{' (--overwrite redoes them)' if done_before else ''}, {len(failed)} failed")
+    if failed:
+        say(summary + f": {', '.join(failed[:10])}{' …' if len(failed) > 10 else ''}")
+    else:
+        info(summary)
+    if model is not None:
+        info(f"infer: encoder calls {model.encoder_calls}, decoder calls {model.decoder_calls}")
+
+    if args.gts:
+        try:
+            import metrics  # lazily: scipy is only needed for this option
+        except ImportError as e:
+            say(f"infer: error: --gts needs metrics.py ({e})")
+            return 2
+        rows = metrics.evaluate_dirs(out_dir, args.gts)
+        print(metrics.format_table(rows, metrics.summarise(rows)))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
