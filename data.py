@@ -92,10 +92,14 @@ def postprocess_logits(low_res_logits: np.ndarray, hw: tuple[int, int], size: in
 
 def preprocess_mask(mask: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     """A 2D label/bool mask H×W → uint8 size×size in model space (nearest resize, zero padding),
-    aligned with preprocess_image's output."""
+    aligned with preprocess_image's output.
+
+    INTER_NEAREST_EXACT samples pixel centres like the area/linear resizes of the image and the
+    logits; plain INTER_NEAREST floors and shifts masks by up to half a source pixel (round-trip IoU
+    0.938 → 0.973 on a 700×90 ellipse, 0.987 → 0.995 on 4032×3024)."""
     mask = np.asarray(mask)
     nh, nw = resized_shape(mask.shape[:2], size)
-    small = cv2.resize(mask.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_NEAREST)
+    small = cv2.resize(mask.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT)
     out = np.zeros((size, size), np.uint8)
     out[:nh, :nw] = small
     return out
