@@ -46,6 +46,13 @@ from scipy import ndimage
 SRC_PYRADIOMICS = ("AIM-Harvard/pyradiomics", "8ed579383b44806651c463d5e691f3b2b57522ab")
 SRC_TOTALSEGMENTATOR = ("wasserth/TotalSegmentator", "0e65a448d557382b1e925276212b3bec7f5aff83")
 SRC_RETINA_UNET = ("orobix/retina-unet", "1ccd6f86a49e00a3ff8d9925bb3c78d818ed0e87")
+SRC_OPENIST = ("pi-null-mezon/OpenIST", "0a3fceb1ac58e1848f994ee6ec226c58e55d70b0")
+SRC_UCTRANSNET = ("McGregorWwww/UCTransNet", "493bd8136b2bb7265d7876104f56688363c8d0d1")
+SRC_OCTSEG = ("ashkan-abbasi66/OCTseg-Zeiss", "ff1f3fec0ec813b9691924a84fc7c8a42b55deed")
+SRC_PH2 = ("chelseaparlett/SkinCancerVariation", "e06866b70a49acfba5762f289ca169f056e97997")
+SRC_BUSI = ("TongxinWang0405/BMI702_project", "922c9469dff20e816d3144880eadd28cdad8efa2")
+SRC_POLYP = ("ViniciusSimm/Colo-Retal-Induscon2023", "f459d0c668838c383b5b09e2c89db4efa3cee03a")
+SRC_NIIVUE = ("neurolabusc/niivue-images", "87579783591ae33603452ba48f1e20cc80a860f6")
 FILE_TABLE: dict[str, tuple[tuple[str, str], str, str]] = {
     "prad_brain1_img": (SRC_PYRADIOMICS, "data/brain1_image.nrrd",
         "fffdb111ee8b428ede7256707393c927a7d5be912f0604cf3c6f1bd5fc9644cf"),
@@ -91,6 +98,102 @@ FILE_TABLE: dict[str, tuple[tuple[str, str], str, str]] = {
         "544904428f4286cfde44f2f24171c59f1fbc86c00833a4862f31f7eba3c71841"),
     "drive25_lbl": (SRC_RETINA_UNET, "DRIVE/training/1st_manual/25_manual1.gif",
         "64410317c2f901643da575c7871dc972c9585220466cd81545d30ced922d5159"),
+    "cxr1_img": (SRC_OPENIST, "Datasets/Chest_x-ray/1-10-500-500-100.jpg",
+        "fc73238b1ab745e7a120f8e5585549e73bc1d00f1b77a37bdaff1bcde000f89b"),
+    "cxr1_lbl": (SRC_OPENIST, "Datasets/Chest_x-ray/1-10-500-500-100@.png",
+        "6ef521976d25b41aaa9a1ac179817bc10999a5a382b98d463e930953a252fe95"),
+    "cxr10_img": (SRC_OPENIST, "Datasets/Chest_x-ray/10-19-500-500-100.jpg",
+        "c79711894063674ae220eb677f8cb911a39559832615a096168f0cf11db78923"),
+    "cxr10_lbl": (SRC_OPENIST, "Datasets/Chest_x-ray/10-19-500-500-100@.png",
+        "5ac89975b1a2274c56cd5f2f418ef36a3926529492a3e52bf21c34c5ccdd6d62"),
+    "cxr11_img": (SRC_OPENIST, "Datasets/Chest_x-ray/11-20-500-500-100.jpg",
+        "732facc52069880ff308d53da3f7d3bb5129c14b1b45acf67e3f17331f2b5510"),
+    "cxr11_lbl": (SRC_OPENIST, "Datasets/Chest_x-ray/11-20-500-500-100@.png",
+        "f8c2088fdab453e8f56545f8f10520b98e2ec560a566d0f9c50c7f54d92eff0f"),
+    "cxr12_img": (SRC_OPENIST, "Datasets/Chest_x-ray/12-21-500-500-100.jpg",
+        "181fb772ca33804457918890eae1ed818f805be330d6ba493f2b8d68cb33de29"),
+    "cxr12_lbl": (SRC_OPENIST, "Datasets/Chest_x-ray/12-21-500-500-100@.png",
+        "fdcd4282477955f8961f26136f8e320d14cec51c2f7a76961024f607b51ff891"),
+    "monuseg1_img": (SRC_UCTRANSNET, "datasets/MoNuSeg/Train_Folder/img/TCGA-21-5784-01Z-00-DX1.png",
+        "1974752c4b5d3ab34bf3656b7d03f5907d26056be7a576b4f0353d996357187c"),
+    "monuseg1_lbl": (SRC_UCTRANSNET, "datasets/MoNuSeg/Train_Folder/labelcol/TCGA-21-5784-01Z-00-DX1.png",
+        "8a02dcad4ea7576e04ef0bbed1f4e5e77f4778d18799e97d3cf85593adb25033"),
+    "monuseg2_img": (SRC_UCTRANSNET, "datasets/MoNuSeg/Train_Folder/img/TCGA-A7-A13E-01Z-00-DX1.png",
+        "e78097309c943d07e0cb9fae66dfdca09daa45982249f999631efc3072c4be09"),
+    "monuseg2_lbl": (SRC_UCTRANSNET, "datasets/MoNuSeg/Train_Folder/labelcol/TCGA-A7-A13E-01Z-00-DX1.png",
+        "6ba453ca4ac95220a1bcbd709572c8e48db61f0eb4d563f1d21e35baa1011acd"),
+    "monuseg3_img": (SRC_UCTRANSNET, "datasets/MoNuSeg/Train_Folder/img/TCGA-G9-6336-01Z-00-DX1.png",
+        "2a0ef0da6497eee6e9066a2005a937e8023d21de4644fea104f4ec2bb5702f4a"),
+    "monuseg3_lbl": (SRC_UCTRANSNET, "datasets/MoNuSeg/Train_Folder/labelcol/TCGA-G9-6336-01Z-00-DX1.png",
+        "b06ced9edf4afdf97117b6dd23b7da762f078d82fabb811020b5a5cdd0f77892"),
+    "oct1_img": (SRC_OCTSEG, "my-example-datasets/onh-3subsets/train/img/im00001.png",
+        "840abd0a76ed6b310067c4668e783c986c7a725a3e0fa20ba2805e3ab3d51282"),
+    "oct1_lbl": (SRC_OCTSEG, "my-example-datasets/onh-3subsets/train/mask/im00001.png",
+        "59a33e3c090a339bc9fef72081dc866a879bb1f37dbff00933994d178afcacb9"),
+    "oct2_img": (SRC_OCTSEG, "my-example-datasets/onh-3subsets/eval/img/im1111.png",
+        "c741d9f1192e6dcf10957ad52465632c4dc1c9f10ce7e32e5215ffbb2af21ee0"),
+    "oct2_lbl": (SRC_OCTSEG, "my-example-datasets/onh-3subsets/eval/mask/im1111.png",
+        "10ae0b4431b0617bb27a4a92a993fb94bd3fd9d8795664efdaac649e50764ffe"),
+    "oct3_img": (SRC_OCTSEG, "my-example-datasets/onh-3subsets/test/img/im0100.png",
+        "c4e1d9af3a85092877a6a1e26a614c6e1115bdaa83d77dac54bb6ad04a24bc39"),
+    "oct3_lbl": (SRC_OCTSEG, "my-example-datasets/onh-3subsets/test/mask/im0100.png",
+        "dbcf616b964111bfa7d23b4c2a91597745ff02a877aa164daa3571fd36d0a64a"),
+    "oct4_img": (SRC_OCTSEG, "my-example-datasets/onh-3subsets/predict/img/im1000.bmp",
+        "375a8064a2b7628fa17753e9e223118443bc05419d8cc0f7364df724b89773f5"),
+    "ph2_IMD002_img": (SRC_PH2, "PH2Dataset/PH2 Dataset images/IMD002/IMD002_Dermoscopic_Image/IMD002.bmp",
+        "5ee4896451a1baba95f866973c6a78fc31d7806b1261d1c40ba75567cc9898a0"),
+    "ph2_IMD002_lbl": (SRC_PH2, "PH2Dataset/PH2 Dataset images/IMD002/IMD002_lesion/IMD002_lesion.bmp",
+        "8f8beca6ce3a93c8a43c19e98a45c929a4d392f15b88b5860207143ab716e1a4"),
+    "ph2_IMD003_img": (SRC_PH2, "PH2Dataset/PH2 Dataset images/IMD003/IMD003_Dermoscopic_Image/IMD003.bmp",
+        "7a833ba5bd404646a11a677ac6ed6925732b8197c2ea74e6b0861f9bc12bb5b3"),
+    "ph2_IMD003_lbl": (SRC_PH2, "PH2Dataset/PH2 Dataset images/IMD003/IMD003_lesion/IMD003_lesion.bmp",
+        "ea51b584dbe3b59aa57bbdc9680a829a9078bc05d8a3f326f91e0e0244e66294"),
+    "ph2_IMD004_img": (SRC_PH2, "PH2Dataset/PH2 Dataset images/IMD004/IMD004_Dermoscopic_Image/IMD004.bmp",
+        "9ed49d1865b6cb5ee5bfbedf8d7155bfb95c2918e2912b3312079fbdb74d4a2d"),
+    "ph2_IMD004_lbl": (SRC_PH2, "PH2Dataset/PH2 Dataset images/IMD004/IMD004_lesion/IMD004_lesion.bmp",
+        "8e2561ff5f4a2e166931ba58cba8254c14cd418fb9be60a6bfb374947a8a400a"),
+    "ph2_IMD006_img": (SRC_PH2, "PH2Dataset/PH2 Dataset images/IMD006/IMD006_Dermoscopic_Image/IMD006.bmp",
+        "84c10feacaa2e5581496493872b8a8c436d2da2b32e3d8f9a37763cd8aee24c6"),
+    "ph2_IMD006_lbl": (SRC_PH2, "PH2Dataset/PH2 Dataset images/IMD006/IMD006_lesion/IMD006_lesion.bmp",
+        "db468c5361e18ebd7ed7d1e9183b8a06cbb1c5cc8922b643ef7883c229131f7a"),
+    "busi_benign1_img": (SRC_BUSI, "Dataset_BUSI_with_GT/benign/benign (1).png",
+        "7822b1604210b5484716c5a2ea343abb1e60b95c9b580acf6de3aafa75043d56"),
+    "busi_benign2_img": (SRC_BUSI, "Dataset_BUSI_with_GT/benign/benign (2).png",
+        "8a9138d19e6e42f2d2a6d674bbee4197176e7984e81a911f51535b6835c28946"),
+    "busi_malignant1_img": (SRC_BUSI, "Dataset_BUSI_with_GT/malignant/malignant (1).png",
+        "5aaa398ca902323e29cdcd734b3c59f04df8ab1df5b2fae0d9aaad3686c41fd9"),
+    "busi_malignant2_img": (SRC_BUSI, "Dataset_BUSI_with_GT/malignant/malignant (2).png",
+        "54dfb23277413e3bad78ec48de56571169309bd0d90d0d1829531786ae15ed20"),
+    "kvasir1_img": (SRC_POLYP, "datasets/Kvasir-SEG/images/cju0qkwl35piu0993l0dewei2.jpg",
+        "db3b999d29785aee9eeeebe2a7b666d59a0036c05568f4df12a89ba7d04a2c82"),
+    "kvasir1_lbl": (SRC_POLYP, "datasets/Kvasir-SEG/masks/cju0qkwl35piu0993l0dewei2.jpg",
+        "4b644ef3bf028169cc0af619ef09206309202c4bab188c9ca082617932a4d4de"),
+    "kvasir2_img": (SRC_POLYP, "datasets/Kvasir-SEG/images/cju0qoxqj9q6s0835b43399p4.jpg",
+        "347f6833bcf1baad133db1f65805395c4adee176bb14b19948daa133fc1edf3e"),
+    "kvasir2_lbl": (SRC_POLYP, "datasets/Kvasir-SEG/masks/cju0qoxqj9q6s0835b43399p4.jpg",
+        "769deab9818196ca744fbb064cfaacb717eef5e3e8b7a520522b328d9f044892"),
+    "kvasir3_img": (SRC_POLYP, "datasets/Kvasir-SEG/images/cju0qx73cjw570799j4n5cjze.jpg",
+        "93ff1b49c2cfafcfdb4b50ade9beae3e6e48defbe1eba9fa68a0c73a1566fac3"),
+    "kvasir3_lbl": (SRC_POLYP, "datasets/Kvasir-SEG/masks/cju0qx73cjw570799j4n5cjze.jpg",
+        "46dc4ac8976374678b7740b478692e6751b3fe13fed42f59d7194cc4d959bfd5"),
+    "kvasir4_img": (SRC_POLYP, "datasets/Kvasir-SEG/images/cju0roawvklrq0799vmjorwfv.jpg",
+        "154b77daebe573ae3d1714db0b7280f78018d9035cadef4d9dd8cc313d04f00a"),
+    "kvasir4_lbl": (SRC_POLYP, "datasets/Kvasir-SEG/masks/cju0roawvklrq0799vmjorwfv.jpg",
+        "337d8126540f42dfbeff7c91ebde7e60530db69494d4a39c3bd60fa720180701"),
+    "cvc1_img": (SRC_POLYP, "datasets/CVC-ClinicDB/images/1.jpg",
+        "096b821124d42361e7c91851c80889e24c6af855935af56f073119f471ec5c3a"),
+    "cvc1_lbl": (SRC_POLYP, "datasets/CVC-ClinicDB/masks/1.jpg",
+        "ef467ae4eefeea59df81169c7f7376a9cbfa8ac255250770cb612e13c8e7b7e9"),
+    "cvc100_img": (SRC_POLYP, "datasets/CVC-ClinicDB/images/100.jpg",
+        "f2a91430bffa6898bb796989ec127ebe71c48e11823b1f98ec25be30e5075268"),
+    "cvc100_lbl": (SRC_POLYP, "datasets/CVC-ClinicDB/masks/100.jpg",
+        "4308cb9b9a746075e3267ca374479db677db15add9dfcef14f5a2da3d064df73"),
+    "niivue_CT_AVM": (SRC_NIIVUE, "CT_AVM.nii.gz",
+        "f91976458e16f3c3392dffd9504435d553c6af58bf033e7047579212f2f58f32"),
+    "niivue_CT_pitch": (SRC_NIIVUE, "CT_pitch.nii.gz",
+        "c99658c4b878383f39920075db4350d65b46247b950d187678b3fd4bf7420025"),
+    "niivue_MR_Gd": (SRC_NIIVUE, "MR_Gd.nii.gz",
+        "65cf8cff601a428be887483a06e422fa1d879246cc6fa50a04abd7d60b437b8c"),
 }
 # key → (repo, commit, path, sha256)
 FILES: dict[str, tuple[str, str, str, str]] = {
@@ -134,6 +237,38 @@ CASES: list[Case] = [
 ] + [
     Case(f"2DBox_Fundus_drive_{k}", f"drive{k}_img", f"drive{k}_lbl", "rgb", mask_threshold=127)
     for k in (21, 22, 23, 24, 25)
+] + [
+    Case(f"2DBox_XRay_openist_{i}", f"cxr{k}_img", f"cxr{k}_lbl", "rgb", mask_threshold=127)
+    for i, k in enumerate((1, 10, 11, 12), 1)
+] + [
+    # §: MoNuSeg tiles are 1000×1000 with ~700 nuclei; a 384×384 crop keeps the object count < 255
+    Case(f"2DBox_Microscopy_monuseg_{i}", f"monuseg{i}_img", f"monuseg{i}_lbl", "rgb",
+         mask_threshold=127, options={"crop": (300, 300, 384, 384)})
+    for i in (1, 2, 3)
+] + [
+    # retinal layer masks: the 8 layers are grey values 0, 30, …, 210; 240 is background
+    Case(f"2DBox_OCT_octsegzeiss_{i}", f"oct{i}_img", f"oct{i}_lbl", "rgb",
+         options={"value_map": {30 * k: k + 1 for k in range(8)}})
+    for i in (1, 2, 3)
+] + [
+    Case(f"2DBox_Dermoscopy_ph2_{i}", f"ph2_{n}_img", f"ph2_{n}_lbl", "rgb", mask_threshold=127)
+    for i, n in enumerate(("IMD002", "IMD003", "IMD004", "IMD006"), 1)
+] + [
+    Case(f"2DBox_Endoscopy_kvasir_{i}", f"kvasir{i}_img", f"kvasir{i}_lbl", "rgb", mask_threshold=127)
+    for i in (1, 2, 3, 4)
+] + [
+    Case(f"2DBox_Endoscopy_cvcclinicdb_{i}", f"cvc{n}_img", f"cvc{n}_lbl", "rgb", mask_threshold=127)
+    for i, n in enumerate(("1", "100"), 1)
+] + [
+    # unlabeled: images only (distillation / calibration)
+    Case("2DBox_OCT_octsegzeiss_4", "oct4_img", None, "rgb"),
+] + [
+    Case(f"2DBox_US_busi_{i}", f"busi_{n}_img", None, "rgb")
+    for i, n in enumerate(("benign1", "benign2", "malignant1", "malignant2"), 1)
+] + [
+    Case("3DBox_CT_niivue_1", "niivue_CT_AVM", None, "ct"),
+    Case("3DBox_CT_niivue_2", "niivue_CT_pitch", None, "ct"),
+    Case("3DBox_MR_niivue_1", "niivue_MR_Gd", None, "mr"),
 ]
 
 DEMO_CASES: list[str] = []
@@ -151,7 +286,10 @@ PERCENTILES = (0.5, 99.5)
 def git_dir(mirror_root: str, repo: str) -> str:
     """The bare git dir of a fetched snapshot of `repo` under mirror_root."""
     base = os.path.join(mirror_root, repo.replace("/", "+"))
-    return os.path.join(base, "repo") if os.path.isdir(os.path.join(base, "repo")) else base
+    for cand in (os.path.join(base, "repo", ".git"), os.path.join(base, "repo"), base):
+        if os.path.isfile(os.path.join(cand, "HEAD")):  # a git dir, bare or not
+            return cand
+    return base
 
 
 def read_raw(key: str, mirror_root: str, check_hash: bool = True) -> bytes:
@@ -403,6 +541,15 @@ def build_2d(case: Case, mirror_root: str) -> dict:
             raise SystemExit(f"{case.name}: mask {lbl.shape} != image {img.shape[:2]}")
         if case.mask_threshold is not None:
             lbl = (lbl > case.mask_threshold).astype(np.int32)
+        if "value_map" in case.options:  # grey value → label; unlisted values are background
+            src_vals = lbl
+            lbl = np.zeros(src_vals.shape, np.int32)
+            for value, label in case.options["value_map"].items():
+                lbl[src_vals == value] = label
+    if "crop" in case.options:
+        y0, x0, h, w = case.options["crop"]
+        img = img[y0:y0 + h, x0:x0 + w]
+        lbl = None if lbl is None else lbl[y0:y0 + h, x0:x0 + w]
     hw = capped_hw(img.shape[:2], MAX_SIDE_2D)
     if hw != img.shape[:2]:
         img = cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
