@@ -388,3 +388,23 @@ def test_cli_synth(tmp_path):
                           "--seed", "2"], cwd=Path(data.__file__).parent, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert len(data.find_cases(tmp_path)) == 2 and len(os.listdir(tmp_path / "gts")) == 2
+
+
+@pytest.mark.parametrize("arr", [np.zeros((3, 4, 5), np.uint8), np.zeros((7,), np.float32), np.zeros((), np.int64),
+                                 np.zeros((2, 3), ">i4"), np.zeros((2, 2), dtype=[("a", "<f4"), ("b", "u1")]),
+                                 np.asfortranarray(np.zeros((3, 4))), np.zeros((0, 4)), np.zeros((2,), "U5")])
+def test_npy_header_parser_agrees_with_numpy(tmp_path, arr):
+    f = _save(tmp_path / "x.npz", a=arr)
+    assert data.npz_array_shape(f, "a") == (arr.shape, arr.dtype)
+    assert data.npz_headers(f, ["a", "missing"]) == {"a": (arr.shape, arr.dtype)}
+
+
+def test_bench_index_runs_on_a_tiny_tree(tmp_path):
+    out = subprocess.run([sys.executable, "bench_index.py", "--dir", str(tmp_path / "tree"), "--n-files", "12",
+                          "--max-depth", "10", "--side", "32", "--samples", "10", "--out", str(tmp_path / "r.json")],
+                         cwd=Path(data.__file__).parent, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    import json
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["files"] == 12 and res["decoded_during_indexing"] == 0 and res["sequential_decodes"] <= 1
+    assert res["files_per_s"] > 0 and res["random_sample_ms"] > 0
