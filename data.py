@@ -3,6 +3,18 @@ modality sampler, synthetic cases.
 
 numpy + opencv only (no torch at import time): infer.py uses the preprocessing below, and training
 uses exactly the same function (§2.1), so the two can never drift apart.
+
+Flow for training: find_cases(root) → SliceIndex (npy headers only: 2D case = 1 sample, 3D case =
+D samples; bisect over cumulative counts; decoded cases in an LRU cache) → SegmentationDataset
+(one slice, one object, jittered box, flips) ← BalancedSampler (Ns(m) slices per modality per
+epoch, DDP-sharded). Decisions, each documented where it is implemented:
+  - labels: `gts` in the case file, else `../gts/<name>` next to an `imgs/` folder, else
+    `gts/<name>` below the case's folder (find_labels);
+  - modality: `2DBox_<M>_`/`3DBox_<M>_` file name, else `<root>/<M>/…`, else a known prefix (modality_of);
+  - unlabelled slices: recorded lazily when a case is decoded, replaced by a labelled slice of the
+    same file (SliceIndex, SegmentationDataset);
+  - DDP: the epoch is padded with its own first items to a multiple of the world size (BalancedSampler).
+CLI: `python data.py synth --out DIR`, `python data.py bench-set --out DIR`, `python data.py index ROOT`.
 """
 from __future__ import annotations
 
@@ -341,10 +353,13 @@ class SliceIndex:
     """
 
     def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike], root: str | os.PathLike | None = None,
-                 cache_size: int = 4, require_labels: bool = True, progress: bool = False) -> None:
+                 cache_size: int = 4, require_labels: bool = True, progress: bool = False,
+                 cache_mb: float = 1024.0) -> None:
         """`source`: a root folder (find_cases), one .npz, or a list of .npz paths. `root`: where the
         `<Modality>/` folders start (defaults to `source` when it is a folder). `require_labels`
-        drops cases without labels (counted in `n_unlabelled_files`)."""
+        drops cases without labels (counted in `n_unlabelled_files`). The cache holds at most
+        `cache_size` decoded cases and `cache_mb` MiB (the newest case is always kept): a 300×512×512
+        CT is 150 MiB with its labels, and every DataLoader worker has its own cache."""
         if isinstance(source, (str, os.PathLike)):
             files = find_cases(source)
             if root is None and Path(source).is_dir():
@@ -353,6 +368,7 @@ class SliceIndex:
             files = [Path(f) for f in source]
         self.root = Path(root) if root is not None else None
         self.cache_size = int(cache_size)
+        self.cache_mb = float(cache_mb)
         self.files: list[Path] = []
         self.label_files: list[Path | None] = []
         self.modality: list[str] = []
@@ -432,9 +448,13 @@ class SliceIndex:
             self._presence[file_index] = (g.reshape(g.shape[0], -1).any(axis=1) if self.is_3d[file_index]
                                           else np.asarray([g.any()]))
         self._cache[file_index] = case
-        while len(self._cache) > self.cache_size:
+        while len(self._cache) > self.cache_size or (len(self._cache) > 1 and self.cache_nbytes() > self.cache_mb * 2**20):
             self._cache.popitem(last=False)
         return case
+
+    def cache_nbytes(self) -> int:
+        """Bytes held by the decoded-case cache."""
+        return sum(a.nbytes for c in self._cache.values() for a in c.values() if a is not None)
 
     def slice(self, file_index: int, z: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(image, labels) of one slice: image H×W or H×W×3, labels H×W (None if unlabelled)."""
@@ -526,8 +546,11 @@ class SegmentationDataset:
 
     def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike] | SliceIndex, bbox_shift: int = 10,
                  flip: bool = True, seed: int = 0, root: str | os.PathLike | None = None, cache_size: int = 4,
-                 image_size: int = IMAGE_SIZE, interp: str = "area", max_retries: int = 20) -> None:
-        self.index = source if isinstance(source, SliceIndex) else SliceIndex(source, root=root, cache_size=cache_size)
+                 image_size: int = IMAGE_SIZE, interp: str = "area", max_retries: int = 20,
+                 cache_mb: float = 1024.0) -> None:
+        """`source`: a SliceIndex, or what SliceIndex takes (root folder, .npz, list of .npz)."""
+        self.index = (source if isinstance(source, SliceIndex)
+                      else SliceIndex(source, root=root, cache_size=cache_size, cache_mb=cache_mb))
         self.bbox_shift = int(bbox_shift)
         self.flip = bool(flip)
         self.seed = int(seed)

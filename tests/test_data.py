@@ -408,3 +408,13 @@ def test_bench_index_runs_on_a_tiny_tree(tmp_path):
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["files"] == 12 and res["decoded_during_indexing"] == 0 and res["sequential_decodes"] <= 1
     assert res["files_per_s"] > 0 and res["random_sample_ms"] > 0
+
+
+def test_cache_respects_its_byte_budget(tmp_path):
+    files = [_save(tmp_path / f"3DBox_CT_{k}.npz", imgs=_volume(8, 64, 64)[0], gts=_volume(8, 64, 64)[1]) for k in range(3)]
+    index = data.SliceIndex(files, cache_size=10, cache_mb=2 * 8 * 64 * 64 * 1.5 / 2**20)  # room for ~1.5 cases
+    for f in range(3):
+        index.slice(f, 0)
+        assert len(index._cache) == 1 and index.cache_nbytes() == 2 * 8 * 64 * 64
+    index.slice(2, 5)
+    assert index.n_decoded == 3
