@@ -29,11 +29,11 @@ import argparse
 import csv
 import gzip
 import hashlib
-import io
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 
@@ -53,6 +53,8 @@ SRC_PH2 = ("chelseaparlett/SkinCancerVariation", "e06866b70a49acfba5762f289ca169
 SRC_BUSI = ("TongxinWang0405/BMI702_project", "922c9469dff20e816d3144880eadd28cdad8efa2")
 SRC_POLYP = ("ViniciusSimm/Colo-Retal-Induscon2023", "f459d0c668838c383b5b09e2c89db4efa3cee03a")
 SRC_NIIVUE = ("neurolabusc/niivue-images", "87579783591ae33603452ba48f1e20cc80a860f6")
+SRC_HC18 = ("suraj7974/Tensorflow-Keras-UNET-model-for-Fetal-dataset",
+            "e5b9e795112fbdc5923a315f69956c50ca9054fd")
 FILE_TABLE: dict[str, tuple[tuple[str, str], str, str]] = {
     "prad_brain1_img": (SRC_PYRADIOMICS, "data/brain1_image.nrrd",
         "fffdb111ee8b428ede7256707393c927a7d5be912f0604cf3c6f1bd5fc9644cf"),
@@ -194,15 +196,73 @@ FILE_TABLE: dict[str, tuple[tuple[str, str], str, str]] = {
         "c99658c4b878383f39920075db4350d65b46247b950d187678b3fd4bf7420025"),
     "niivue_MR_Gd": (SRC_NIIVUE, "MR_Gd.nii.gz",
         "65cf8cff601a428be887483a06e422fa1d879246cc6fa50a04abd7d60b437b8c"),
+    "ts_aorta_ct_cropped": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/ct_cropped.nii.gz",
+        "f776ecfa1326e7e21a8c30e5530f517c16f16a59a68fc06e8119cefc7c3b87a0"),
+    "ts_aorta_aorta": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/aorta.nii.gz",
+        "7fa1b813c63abcbe455b62a510c5e7a00fe0998f30541d5a8af46b20a88dd7f7"),
+    "ts_aorta_brachiocephalic_trunk": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/brachiocephalic_trunk.nii.gz",
+        "76ce8a3b3e9aeea03c88a358d9c6ceeb66e2fd6fbae33398a4ae4a8596e99661"),
+    "ts_aorta_celiac_trunk": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/celiac_trunk.nii.gz",
+        "b7a962f0bac6f7dc6229ce5fd87be53741a4527a8b53df64a0f7b49f96370bcf"),
+    "ts_aorta_common_carotid_artery_left": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/common_carotid_artery_left.nii.gz",
+        "d878d1bb6dd9fe999c6523e4b705f99a1e99b6f77f910edcc9d5d06384a4da9b"),
+    "ts_aorta_subclavian_artery_left": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/subclavian_artery_left.nii.gz",
+        "993695ad2e9833fd3346bedc8e31635d4084c6b8e853620870fb52e41958be9a"),
+    "ts_aorta_superior_mesenteric_artery": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/superior_mesenteric_artery.nii.gz",
+        "ef688fff60982fdf97f6d558a6acb140fd0d7f30ca5333f72edb86e955954d28"),
+    "ts_aorta_vertebrae_T12": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/vertebrae_T12.nii.gz",
+        "7baada974082529dc6c1f39bee3ef0b4e384ad020c0b7c1d3971d69e9576e0af"),
+    "ts_pulm_ct_cropped": (SRC_TOTALSEGMENTATOR, "tests/reference_files/pulmonary_report/models/ct_cropped.nii.gz",
+        "4da078fe43c9aa4d358903ac95105cea4fbe93b029474e4701bdde4db72126eb"),
+    "ts_pulm_pulmonary_artery": (SRC_TOTALSEGMENTATOR, "tests/reference_files/pulmonary_report/models/pulmonary_artery.nii.gz",
+        "b227c99939d441d52b9e9d975934f479f0c7e6388095ca719e5eb57e43f2ba2d"),
+    "hc18_000_img": (SRC_HC18, "training_set/000_HC.png",
+        "c530210f08e49a7e348075b59b90008586a856271bb472061ab043b1ba2a3715"),
+    "hc18_000_lbl": (SRC_HC18, "training_set/000_HC_Annotation.png",
+        "22da8fb98960fc7327cce858ed8bc7cd5aacbae919f99ec3b67e1d01f4b6efb3"),
+    "hc18_001_img": (SRC_HC18, "training_set/001_HC.png",
+        "f468235ce4a2a778d5340c550e18fc2de6b50936a19cadac3679d075654e5b2f"),
+    "hc18_001_lbl": (SRC_HC18, "training_set/001_HC_Annotation.png",
+        "96c37a50d592ce7d1d52a1c67a69294046836b0e97026a6f90ab88889b4df92e"),
+    "hc18_002_img": (SRC_HC18, "training_set/002_HC.png",
+        "8e36c719bb63b0920c1b2c16021178b301f4df3b6fc8f9a986d980919f824b1a"),
+    "hc18_002_lbl": (SRC_HC18, "training_set/002_HC_Annotation.png",
+        "df5c0dfc9b62f57f3b066d60b674e425d72054950a332a67c52c4e164328ad24"),
+    "hc18_003_img": (SRC_HC18, "training_set/003_HC.png",
+        "5a2f75b479646dbf3618ee5bd7561a5acbbef7c54d268e73c532881591dc011b"),
+    "hc18_003_lbl": (SRC_HC18, "training_set/003_HC_Annotation.png",
+        "a634596f56e091bac370158b8017346e40bd38c1dafc9367a8e72fd6e7ece623"),
 }
 # key → (repo, commit, path, sha256)
 FILES: dict[str, tuple[str, str, str, str]] = {
     k: (src[0], src[1], path, sha) for k, (src, path, sha) in FILE_TABLE.items()}
 
-LICENCES: dict[str, str] = {
-    "AIM-Harvard/pyradiomics": "BSD-3-Clause (repository); images from TCIA/phantom test data",
-    "wasserth/TotalSegmentator": "Apache-2.0 (repository); labels are TotalSegmentator predictions",
-    "orobix/retina-unet": "MIT (code); DRIVE data: research use, cite Staal et al. 2004",
+LICENCES: dict[str, str] = {  # repository licence; data terms; what the labels are
+    "AIM-Harvard/pyradiomics": "repo BSD-3-Clause; test images (TCGA brain MR, breast MR, "
+                               "prostate phantom) shipped as pyradiomics test data; manual labels",
+    "wasserth/TotalSegmentator": "repo Apache-2.0; CT/MR test images; labels are TotalSegmentator "
+                                 "model predictions (pseudo-labels), not manual",
+    "orobix/retina-unet": "no licence file; DRIVE data: research use, cite Staal et al. 2004; "
+                          "manual vessel masks",
+    "pi-null-mezon/OpenIST": "no licence file; images from chestx-ray.com teaching module, "
+                             "licence unknown; lung masks drawn by the repo author",
+    "McGregorWwww/UCTransNet": "no licence file; MoNuSeg data CC BY-NC-SA 4.0; manual nuclei masks",
+    "ashkan-abbasi66/OCTseg-Zeiss": "repo MIT; example B-scans from a proprietary set, shared only "
+                                    "as examples in the repo; layer masks",
+    "chelseaparlett/SkinCancerVariation": "no licence file; PH2 data: research use, cite Mendonca "
+                                          "et al. 2013; manual lesion masks",
+    "TongxinWang0405/BMI702_project": "no licence file; BUSI images (Al-Dhabyani et al. 2020); "
+                                      "no masks in this copy",
+    "ViniciusSimm/Colo-Retal-Induscon2023": "no licence file; Kvasir-SEG (Jha et al. 2020, research "
+                                            "and education use) and CVC-ClinicDB (Bernal et al. "
+                                            "2015, research use), resized to 256×256 by the repo; "
+                                            "manual polyp masks",
+    "suraj7974/Tensorflow-Keras-UNET-model-for-Fetal-dataset": "no licence file; HC18 data CC BY 4.0 "
+                                                               "(van den Heuvel et al. 2018); "
+                                                               "manual head ellipse outlines",
+    "neurolabusc/niivue-images": "repo BSD-2-Clause; per-file sources in its README (CT_AVM from "
+                                 "IbisNeuronav/PRISMDatabase, CT_pitch courtesy P. Morgan, MR_Gd "
+                                 "from figshare); no labels",
 }
 
 
@@ -212,7 +272,7 @@ class Case:
     """One output case. `recipe` names the intensity mapping; `label` is None for unlabeled cases."""
     name: str
     image: str
-    label: str | None
+    label: str | list[str] | None  # one label map, or binary masks stacked as labels 1, 2, …
     recipe: str  # "ct" | "mr" (percentile) | "rgb" (2D colour/grey as is)
     label_map: dict[int, int] | None = None  # source label → kept label (None: keep all non-zero)
     mask_threshold: int | None = None  # 2D binary masks: foreground = value > threshold
@@ -233,6 +293,11 @@ CASES: list[Case] = [
     Case("3DBox_MR_pyradiomics_3", "prad_breast1_img", "prad_breast1_lbl", "mr"),
     Case("3DBox_MR_pyradiomics_4", "prad_prostate_img", "prad_prostate_lbl", "mr"),
     Case("3DBox_CT_totalseg_1", "ts_ct_img", "ts_ct_lbl", "ct"),
+    Case("3DBox_CT_totalseg_2", "ts_aorta_ct_cropped",
+         [f"ts_aorta_{n}" for n in ("aorta", "brachiocephalic_trunk", "celiac_trunk",
+                                    "common_carotid_artery_left", "subclavian_artery_left",
+                                    "superior_mesenteric_artery", "vertebrae_T12")], "ct"),
+    Case("3DBox_CT_totalseg_3", "ts_pulm_ct_cropped", ["ts_pulm_pulmonary_artery"], "ct"),
     Case("3DBox_MR_totalseg_1", "ts_mr_img", "ts_mr_lbl", "mr"),
 ] + [
     Case(f"2DBox_Fundus_drive_{k}", f"drive{k}_img", f"drive{k}_lbl", "rgb", mask_threshold=127)
@@ -260,6 +325,11 @@ CASES: list[Case] = [
     Case(f"2DBox_Endoscopy_cvcclinicdb_{i}", f"cvc{n}_img", f"cvc{n}_lbl", "rgb", mask_threshold=127)
     for i, n in enumerate(("1", "100"), 1)
 ] + [
+    # HC18 annotations are the head's ellipse outline; filled to a mask
+    Case(f"2DBox_US_hc18_{i}", f"hc18_{k}_img", f"hc18_{k}_lbl", "rgb", mask_threshold=0,
+         options={"fill_holes": True})
+    for i, k in enumerate(("000", "001", "002", "003"), 1)
+] + [
     # unlabeled: images only (distillation / calibration)
     Case("2DBox_OCT_octsegzeiss_4", "oct4_img", None, "rgb"),
 ] + [
@@ -271,7 +341,9 @@ CASES: list[Case] = [
     Case("3DBox_MR_niivue_1", "niivue_MR_Gd", None, "mr"),
 ]
 
-DEMO_CASES: list[str] = []
+# bundled with the project for the README demo: permissive-or-research data, all with gts, ≈2 MB
+DEMO_CASES: list[str] = ["3DBox_CT_totalseg_1", "3DBox_MR_pyradiomics_1", "2DBox_Endoscopy_kvasir_1",
+                         "2DBox_US_hc18_1", "2DBox_Microscopy_monuseg_1"]
 
 MIN_OBJECT_PIXELS = 20       # smaller components are annotation specks, not promptable objects
 MIN_OBJECT_FRACTION = 0.05   # of the largest component of the same source label
@@ -499,10 +571,17 @@ def build_3d(case: Case, mirror_root: str) -> dict:
     img, spacing = read_volume(read_raw(case.image, mirror_root), FILES[case.image][2])
     lbl = None
     if case.label:
-        lbl, _ = read_volume(read_raw(case.label, mirror_root), FILES[case.label][2])
-        if lbl.shape != img.shape:
-            raise SystemExit(f"{case.name}: label shape {lbl.shape} != image shape {img.shape}")
-        lbl = np.asarray(lbl).astype(np.int32)
+        keys = [case.label] if isinstance(case.label, str) else case.label
+        for i, key in enumerate(keys, 1):
+            part, _ = read_volume(read_raw(key, mirror_root), FILES[key][2])
+            if part.shape != img.shape:
+                raise SystemExit(f"{case.name}: {FILES[key][2]} shape {part.shape} != image {img.shape}")
+            part = np.asarray(part).astype(np.int32)
+            if len(keys) > 1:  # a stack of binary masks: mask i becomes label i (later masks win)
+                lbl = np.zeros(img.shape, np.int32) if lbl is None else lbl
+                lbl[part > 0] = i
+            else:
+                lbl = part
         if case.label_map is not None:
             lbl = np.where(np.isin(lbl, list(case.label_map)), lbl, 0)
         zs = np.flatnonzero(lbl.reshape(lbl.shape[0], -1).any(1))
@@ -541,6 +620,8 @@ def build_2d(case: Case, mirror_root: str) -> dict:
             raise SystemExit(f"{case.name}: mask {lbl.shape} != image {img.shape[:2]}")
         if case.mask_threshold is not None:
             lbl = (lbl > case.mask_threshold).astype(np.int32)
+        if case.options.get("fill_holes"):  # outline annotations (HC18 ellipses) → filled masks
+            lbl = ndimage.binary_fill_holes(lbl > 0).astype(np.int32)
         if "value_map" in case.options:  # grey value → label; unlisted values are background
             src_vals = lbl
             lbl = np.zeros(src_vals.shape, np.int32)
@@ -564,11 +645,17 @@ def build_2d(case: Case, mirror_root: str) -> dict:
 
 # ---------------------------------------------------------------- writing -------------------------
 def save_npz_atomic(path: str, **arrays) -> None:
-    """np.savez_compressed to <path>.tmp.npz, then rename: readers never see a half-written file."""
+    """Write a compressed npz (what np.savez_compressed writes, readable by np.load) to
+    <path>.tmp.npz, then rename, so readers never see a half-written file. Zip entries carry a
+    fixed timestamp (np.savez stamps the wall clock), so a rebuild is byte-identical."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path[:-4] + ".tmp.npz"
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for key, arr in arrays.items():
+            info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
     os.replace(tmp, path)
 
 
@@ -597,8 +684,9 @@ def manifest_row(case: Case, arrays: dict, mirror_root: str) -> dict:
            "label_path": "", "label_sha256": "", "n_objects": len(arrays.get("boxes", [])),
            "shape": "x".join(str(s) for s in arrays["imgs"].shape)}
     if case.label:
-        row["label_path"] = FILES[case.label][2]
-        row["label_sha256"] = FILES[case.label][3]
+        keys = [case.label] if isinstance(case.label, str) else case.label
+        row["label_path"] = ";".join(FILES[k][2] for k in keys)
+        row["label_sha256"] = ";".join(FILES[k][3] for k in keys)
     return row
 
 
