@@ -81,7 +81,8 @@ class OpenVINOModel:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.encoder = core.compile_model(str(Path(model_dir) / "encoder.xml"), "CPU", config)
         self.decoder = core.compile_model(str(Path(model_dir) / "decoder.xml"), "CPU", config)
-        self.precision = str(self.encoder.get_property("INFERENCE_PRECISION_HINT"))
+        hint = self.encoder.get_property("INFERENCE_PRECISION_HINT")  # what OpenVINO actually uses
+        self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
         self._image = _port(self.encoder.inputs, "image", 0)
         self._embedding_out = _port(self.encoder.outputs, "image_embedding", 0)
         self._embedding_in = _port(self.decoder.inputs, "image_embedding", 0)
@@ -184,8 +185,7 @@ class Case:
 
     @property
     def modality(self) -> str:
-        parts = self.name.split("_")
-        return parts[1] if len(parts) > 2 and parts[0][:2] in ("2D", "3D") else "unknown"
+        return data.modality_of(self.name)
 
 
 def load_case(path: Path) -> Case:
@@ -373,11 +373,8 @@ def segment_2d(model, case: Case, block: int) -> np.ndarray:
 
 
 def _bbox(mask: np.ndarray) -> np.ndarray | None:
-    """Bounding box (x0, y0, x1, y1) of a bool H×W mask in pixel indices, None if empty."""
-    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
-    if len(cols) == 0:
-        return None
-    return np.array([cols[0], rows[0], cols[-1], rows[-1]], np.float64)
+    """Bounding box (x0, y0, x1, y1) of a bool H×W mask in inclusive pixel indices, None if empty."""
+    return data.box_from_mask(mask).astype(np.float64) if mask.any() else None
 
 
 def segment_3d(model, case: Case, block: int, prompt: str = "box",
@@ -483,6 +480,7 @@ def save_atomic(path: Path, **arrays: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600: the evaluator may run as another user
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -509,6 +507,7 @@ def write_times(path: Path, times: dict[str, float]) -> None:
         writer = csv.writer(f)
         writer.writerow(["case", "time"])
         writer.writerows([name, f"{t:.4f}"] for name, t in sorted(times.items()))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

@@ -1,8 +1,8 @@
 """An "oracle" encoder/decoder pair with the model-dir contract of export.py, whose outputs are exactly
 computable in numpy — so infer.py's pipeline tests check real numbers without the real network.
 
-encoder: image B×3×256×256 → image_embedding B×256×64×64 = 4×4 average pool of channel 0, tiled to 256
-         channels.
+encoder: image B×3×256×256 → image_embedding B×256×64×64 = 4×4 max pool of channel 0, tiled to 256
+         channels (max, not average: it is exact in float, so numpy and both runtimes agree bit for bit).
 decoder: image_embedding 1×256×64×64, boxes N×4 (256-pixel model space) → low_res_logits N×1×256×256
          = +1 where the pixel (x, y) lies in the box (x0 ≤ x ≤ x1, y0 ≤ y ≤ y1) AND the nearest-upsampled
          embedding channel 0 is > BRIGHT (a "bright" pixel), −1 elsewhere.
@@ -30,7 +30,7 @@ EMBED_DIM = 256
 def encode_np(image: np.ndarray) -> np.ndarray:
     """image B×3×256×256 → B×256×64×64."""
     b = image.shape[0]
-    pooled = image[:, 0].reshape(b, EMBED_SIDE, 4, EMBED_SIDE, 4).mean(axis=(2, 4))
+    pooled = image[:, 0].reshape(b, EMBED_SIDE, 4, EMBED_SIDE, 4).max(axis=(2, 4))
     return np.repeat(pooled[:, None], EMBED_DIM, axis=1).astype(np.float32)
 
 
@@ -66,8 +66,8 @@ def build_openvino(model_dir: Path) -> None:
     image = ops.parameter([-1, 3, SIZE, SIZE], np.float32, name="image")
     image.output(0).set_names({"image"})
     ch0 = ops.gather(image, i64([0]), i64(1))
-    pooled = ops.avg_pool(ch0, [4, 4], [0, 0], [0, 0], [4, 4], exclude_pad=True)
-    # multiply by ones, not Tile: OpenVINO 2026.4 CPU computes Tile-after-AvgPool wrongly (measured: max err 0.45)
+    pooled = ops.max_pool(ch0, [4, 4], [1, 1], [0, 0], [0, 0], [4, 4]).output(0)
+    # multiply by ones, not Tile: OpenVINO 2026.4 CPU computed Tile-after-AvgPool wrongly here (max err 0.45)
     emb = ops.multiply(pooled, ops.constant(np.ones((1, EMBED_DIM, 1, 1), np.float32)))
     emb.output(0).set_names({"image_embedding"})
     encoder = ov.Model([ops.result(emb)], [image], "oracle_encoder")
@@ -105,7 +105,7 @@ def build_onnx(model_dir: Path) -> None:
 
     enc = helper.make_graph(
         [helper.make_node("Gather", ["image", "ch0_idx"], ["ch0"], axis=1),
-         helper.make_node("AveragePool", ["ch0"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
+         helper.make_node("MaxPool", ["ch0"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
          helper.make_node("Mul", ["pooled", "ones"], ["image_embedding"])],  # not Tile: see build_openvino
         "oracle_encoder",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["B", 3, SIZE, SIZE])],
