@@ -180,7 +180,7 @@ def npz_keys(path: str | os.PathLike) -> list[str]:
 def npz_array_shape(path: str | os.PathLike, key: str) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) of array `key` inside an npz, read from its .npy header only.
 
-    For a deflated member only the first compressed chunk (zipfile reads ≥ 4 KiB) is inflated, so the
+    For a deflated member only the first compressed chunk (512 B, see below) is inflated, so the
     cost is independent of the array size and a corrupt payload past the header goes unnoticed here
     (it fails later, when the slice is drawn). The member's CRC is never checked: we stop before EOF.
     """
@@ -488,11 +488,15 @@ class SliceIndex:
 
     def modality_to_global(self, modality: str, local: np.ndarray) -> np.ndarray:
         """k-th slices (k in [0, N(m))) of `modality` → global sample indices."""
-        starts, cum = self.modality_slices(modality)
-        local = np.asarray(local, dtype=np.int64)
-        pos = np.searchsorted(cum, local, side="right")
-        before = np.concatenate([[0], cum[:-1]])[pos]
-        return starts[pos] + (local - before)
+        return _local_to_global(*self.modality_slices(modality), local)
+
+
+def _local_to_global(starts: np.ndarray, cum: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """Slice numbers within a group of files (file starts, cumulative counts) → global indices."""
+    local = np.asarray(local, dtype=np.int64)
+    pos = np.searchsorted(cum, local, side="right")
+    before = np.concatenate([[0], cum[:-1]])[pos]
+    return starts[pos] + (local - before)
 
 
 # ────────────────────────────────────────────────────────────────────────────────────────────────
@@ -668,10 +672,7 @@ class BalancedSampler:
         parts = []
         for m, ns in self.ns.items():
             local = rng.choice(self.counts[m], size=ns, replace=False)
-            starts, cum = self._maps[m]
-            pos = np.searchsorted(cum, local, side="right")
-            before = np.concatenate([[0], cum[:-1]])[pos]
-            parts.append(starts[pos] + (local - before))
+            parts.append(_local_to_global(*self._maps[m], local))
         allidx = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return allidx[rng.permutation(allidx.size)]
 
