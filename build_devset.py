@@ -238,14 +238,14 @@ FILES: dict[str, tuple[str, str, str, str]] = {
     k: (src[0], src[1], path, sha) for k, (src, path, sha) in FILE_TABLE.items()}
 
 LICENCES: dict[str, str] = {  # repository licence; data terms; what the labels are
-    "AIM-Harvard/pyradiomics": "repo BSD-3-Clause; test images (TCGA brain MR, breast MR, "
-                               "prostate phantom) shipped as pyradiomics test data; manual labels",
+    "AIM-Harvard/pyradiomics": "repo BSD-3-Clause; test images (brain MR, breast MR, prostate "
+                               "phantom MR) shipped as pyradiomics test data; tumour/ROI labels",
     "wasserth/TotalSegmentator": "repo Apache-2.0; CT/MR test images; labels are TotalSegmentator "
                                  "model predictions (pseudo-labels), not manual",
     "orobix/retina-unet": "no licence file; DRIVE data: research use, cite Staal et al. 2004; "
                           "manual vessel masks",
     "pi-null-mezon/OpenIST": "no licence file; images from chestx-ray.com teaching module, "
-                             "licence unknown; lung masks drawn by the repo author",
+                             "licence unknown; lung masks from the repo (origin not stated)",
     "McGregorWwww/UCTransNet": "no licence file; MoNuSeg data CC BY-NC-SA 4.0; manual nuclei masks",
     "ashkan-abbasi66/OCTseg-Zeiss": "repo MIT; example B-scans from a proprietary set, shared only "
                                     "as examples in the repo; layer masks",
@@ -269,7 +269,11 @@ LICENCES: dict[str, str] = {  # repository licence; data terms; what the labels 
 # ---------------------------------------------------------------- cases ---------------------------
 @dataclass
 class Case:
-    """One output case. `recipe` names the intensity mapping; `label` is None for unlabeled cases."""
+    """One output case. `recipe` names the intensity mapping; `label` is None for unlabeled cases.
+
+    2D `options`: "crop" (y0, x0, h, w) applied before anything else is measured; "value_map"
+    {grey value: label} for masks that encode classes as grey levels; "fill_holes" for outline
+    annotations."""
     name: str
     image: str
     label: str | list[str] | None  # one label map, or binary masks stacked as labels 1, 2, …
@@ -306,7 +310,7 @@ CASES: list[Case] = [
     Case(f"2DBox_XRay_openist_{i}", f"cxr{k}_img", f"cxr{k}_lbl", "rgb", mask_threshold=127)
     for i, k in enumerate((1, 10, 11, 12), 1)
 ] + [
-    # §: MoNuSeg tiles are 1000×1000 with ~700 nuclei; a 384×384 crop keeps the object count < 255
+    # MoNuSeg tiles are 1000×1000 with ~700 nuclei; a 384×384 crop keeps the object count < 255
     Case(f"2DBox_Microscopy_monuseg_{i}", f"monuseg{i}_img", f"monuseg{i}_lbl", "rgb",
          mask_threshold=127, options={"crop": (300, 300, 384, 384)})
     for i in (1, 2, 3)
@@ -495,18 +499,19 @@ def read_image2d(data: bytes, path: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- conversion ----------------------
 def to_uint8(arr: np.ndarray, recipe: str) -> np.ndarray:
-    """Intensities → uint8 0..255: CT soft-tissue window, or 0.5–99.5 percentile min-max."""
+    """Intensities → uint8 0..255: "ct" soft-tissue window; "mr" (also PET) 0.5–99.5 percentile
+    min-max; "rgb" keeps uint8 images as they are and min-max scales anything deeper (16-bit PNG)."""
+    if recipe == "rgb" and arr.dtype == np.uint8:
+        return arr
     a = np.asarray(arr, np.float32)
     if recipe == "ct":
         lo, hi = CT_WINDOW_HU
-    elif recipe in ("mr", "pet", "rgb16"):
+    elif recipe in ("mr", "pet"):
         lo, hi = (float(v) for v in np.percentile(a, PERCENTILES))
     elif recipe == "rgb":
-        if a.dtype == np.uint8 or arr.dtype == np.uint8:
-            return np.asarray(arr, np.uint8)
         lo, hi = float(a.min()), float(a.max())
     else:
-        raise ValueError(f"unknown recipe {recipe}")
+        raise ValueError(f"unknown intensity recipe {recipe!r}")
     out = (np.clip(a, lo, hi) - lo) / max(hi - lo, 1e-6) * 255.0
     return np.round(out).astype(np.uint8)
 
@@ -608,7 +613,7 @@ def build_3d(case: Case, mirror_root: str) -> dict:
 def build_2d(case: Case, mirror_root: str) -> dict:
     """Image (+ mask or label image) → arrays of one 2D case, longest side capped at MAX_SIDE_2D."""
     img = read_image2d(read_raw(case.image, mirror_root), FILES[case.image][2])
-    img = to_uint8(img, "rgb16" if img.dtype != np.uint8 else "rgb")
+    img = to_uint8(img, case.recipe)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     lbl = None
