@@ -279,11 +279,13 @@ def _boxes_matrix(boxes: np.ndarray, is_3d: bool, depth: int, notes: list[str]) 
     return boxes
 
 
-def _rows(index: np.ndarray) -> str:
-    """'box 3' / 'boxes 1, 4, 9 …(+5)' for 0-based box rows (label = row + 1)."""
+def _rows(index: np.ndarray, verb: str = "have") -> str:
+    """'box 3 has' / 'boxes 1, 4, 9 …(+5) have' for 0-based box rows (label = row + 1)."""
     index = [int(i) for i in np.flatnonzero(index)]
     head = ", ".join(map(str, index[:6])) + (f" …(+{len(index) - 6})" if len(index) > 6 else "")
-    return f"box{'es' if len(index) > 1 else ''} {head}"
+    if len(index) == 1:
+        return f"box {head} {dict(have='has', lie='lies', are='is').get(verb, verb)}"
+    return f"boxes {head} {verb}"
 
 
 def _repair_boxes(boxes: np.ndarray, is_3d: bool, depth: int, height: int, width: int,
@@ -294,31 +296,32 @@ def _repair_boxes(boxes: np.ndarray, is_3d: bool, depth: int, height: int, width
     valid = np.ones(n, bool)
     finite = np.isfinite(boxes).all(axis=1)
     if not finite.all():
-        notes.append(f"{_rows(~finite)} have NaN/inf coordinates: not segmented")
+        notes.append(f"{_rows(~finite)} NaN/inf coordinates: not segmented")
         valid &= finite
         boxes = np.where(finite[:, None], boxes, 0.0)
     lo, hi = boxes[:, :half], boxes[:, half:]
     swapped = (hi < lo).any(axis=1)
     if swapped.any():
-        notes.append(f"{_rows(swapped)} have x1 < x0 (or y, z): corners swapped")
+        axes = "/".join(f"{a}1 < {a}0" for k, a in enumerate("xyz"[:half]) if (hi[:, k] < lo[:, k]).any())
+        notes.append(f"{_rows(swapped)} {axes}: corners swapped")
         lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
     if is_3d:
         z_frac = (lo[:, 2] != np.round(lo[:, 2])) | (hi[:, 2] != np.round(hi[:, 2]))
         if z_frac.any():
-            notes.append(f"{_rows(z_frac & valid)} have non-integer z: rounded")
+            notes.append(f"{_rows(z_frac & valid)} non-integer z: rounded")
         lo[:, 2], hi[:, 2] = np.round(lo[:, 2]), np.round(hi[:, 2])
     limit = np.array([width, height, depth - 1][:half], np.float64)  # x, y: pixel edges; z: slice index
     outside = ((lo > limit) | (hi < 0)).any(axis=1) & valid
     if outside.any():
-        notes.append(f"{_rows(outside)} lie wholly outside the image: not segmented")
+        notes.append(f"{_rows(outside, 'lie')} wholly outside the image: not segmented")
         valid &= ~outside
     clipped_lo, clipped_hi = np.clip(lo, 0, limit), np.clip(hi, 0, limit)
     partly = ((clipped_lo != lo) | (clipped_hi != hi)).any(axis=1) & valid
     if partly.any():
-        notes.append(f"{_rows(partly)} partly outside the image: clipped")
+        notes.append(f"{_rows(partly, 'are')} partly outside the image: clipped")
     zero = ((clipped_hi[:, :2] - clipped_lo[:, :2]) <= 0).any(axis=1) & valid
     if zero.any():
-        notes.append(f"{_rows(zero)} have zero width or height: segmented as given")
+        notes.append(f"{_rows(zero)} zero width or height: segmented as given")
     if n > MAX_LABELS:
         notes.append(f"{n} boxes but a uint8 label map holds {MAX_LABELS}: boxes {MAX_LABELS}.. not segmented")
         valid[MAX_LABELS:] = False
