@@ -94,6 +94,18 @@ def main(argv=None) -> int:
                "rss_before_index_mb": round(rss_before, 1), "rss_after_index_mb": round(rss_after, 1),
                "index_rss_delta_mb": round(rss_after - rss_before, 1)}
 
+        # the same tree again with a persistent header cache: first run fills it, second reuses it
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = Path(tmp) / "headers.json"
+            t0 = time.perf_counter()
+            data.SliceIndex(root, header_cache=cache)
+            res["cache_fill_files_per_s"] = round(n_files / (time.perf_counter() - t0), 1)
+            t0 = time.perf_counter()
+            again = data.SliceIndex(root, header_cache=cache)
+            res["cached_files_per_s"] = round(n_files / (time.perf_counter() - t0), 1)
+            res["cache_hits"] = again.header_cache_hits
+            res["header_cache_kb"] = round(cache.stat().st_size / 1024, 1)
+
         t0 = time.perf_counter()
         sampler = data.BalancedSampler(index, strategy="min")
         epoch = sampler.rank_indices()

@@ -418,3 +418,16 @@ def test_cache_respects_its_byte_budget(tmp_path):
         assert len(index._cache) == 1 and index.cache_nbytes() == 2 * 8 * 64 * 64
     index.slice(2, 5)
     assert index.n_decoded == 3
+
+
+def test_header_cache_skips_unchanged_files_and_notices_changes(tmp_path):
+    files = [_save(tmp_path / "t" / f"3DBox_CT_{k}.npz", imgs=_volume(3 + k)[0], gts=_volume(3 + k)[1]) for k in range(3)]
+    cache = tmp_path / "headers.json"
+    first = data.SliceIndex(tmp_path / "t", header_cache=cache)
+    assert cache.is_file() and first.header_cache_hits == 0
+    second = data.SliceIndex(tmp_path / "t", header_cache=cache)
+    assert second.header_cache_hits == 3 and second.cum_ends == first.cum_ends
+    _save(files[1], imgs=_volume(9)[0], gts=_volume(9)[1])  # rewritten: new size → re-read
+    os.utime(files[1], ns=(1, 1))
+    third = data.SliceIndex(tmp_path / "t", header_cache=cache)
+    assert third.header_cache_hits == 2 and third.n_slices.tolist() == [3, 9, 5]
