@@ -55,6 +55,7 @@ SRC_POLYP = ("ViniciusSimm/Colo-Retal-Induscon2023", "f459d0c668838c383b5b09e2c8
 SRC_NIIVUE = ("neurolabusc/niivue-images", "87579783591ae33603452ba48f1e20cc80a860f6")
 SRC_HC18 = ("suraj7974/Tensorflow-Keras-UNET-model-for-Fetal-dataset",
             "e5b9e795112fbdc5923a315f69956c50ca9054fd")
+SRC_OPENBREAST = ("spertuz/openbreast", "82510d16f597717aa8c939f11fd4f0f2ac3aac7e")
 FILE_TABLE: dict[str, tuple[tuple[str, str], str, str]] = {
     "prad_brain1_img": (SRC_PYRADIOMICS, "data/brain1_image.nrrd",
         "fffdb111ee8b428ede7256707393c927a7d5be912f0604cf3c6f1bd5fc9644cf"),
@@ -232,6 +233,8 @@ FILE_TABLE: dict[str, tuple[tuple[str, str], str, str]] = {
         "5a2f75b479646dbf3618ee5bd7561a5acbbef7c54d268e73c532881591dc011b"),
     "hc18_003_lbl": (SRC_HC18, "training_set/003_HC_Annotation.png",
         "a634596f56e091bac370158b8017346e40bd38c1dafc9367a8e72fd6e7ece623"),
+    "bcdr_251_334_LO": (SRC_OPENBREAST, "samples/img_251_334_1_LO.tif",
+        "5a20568c139b57b4696d4ad86255a2cc331809041ce67fe1a043705b95192ea0"),
 }
 # key → (repo, commit, path, sha256)
 FILES: dict[str, tuple[str, str, str, str]] = {
@@ -260,6 +263,8 @@ LICENCES: dict[str, str] = {  # repository licence; data terms; what the labels 
     "suraj7974/Tensorflow-Keras-UNET-model-for-Fetal-dataset": "no licence file; HC18 data CC BY 4.0 "
                                                                "(van den Heuvel et al. 2018); "
                                                                "manual head ellipse outlines",
+    "spertuz/openbreast": "repo BSD-2-Clause; sample FFDM image from BCDR (research use, cite "
+                          "Lopez et al. 2012); no labels",
     "neurolabusc/niivue-images": "repo BSD-2-Clause; per-file sources in its README (CT_AVM from "
                                  "IbisNeuronav/PRISMDatabase, CT_pitch courtesy P. Morgan, MR_Gd "
                                  "from figshare); no labels",
@@ -336,6 +341,8 @@ CASES: list[Case] = [
 ] + [
     # unlabeled: images only (distillation / calibration)
     Case("2DBox_OCT_octsegzeiss_4", "oct4_img", None, "rgb"),
+] + [
+    Case("2DBox_Mammography_bcdr_1", "bcdr_251_334_LO", None, "rgb"),
 ] + [
     Case(f"2DBox_US_busi_{i}", f"busi_{n}_img", None, "rgb")
     for i, n in enumerate(("benign1", "benign2", "malignant1", "malignant2"), 1)
