@@ -655,6 +655,28 @@ def build_2d(case: Case, mirror_root: str) -> dict:
     return out
 
 
+def check_case(name: str, arrays: dict) -> None:
+    """Challenge-format invariants, checked before anything is written: uint8 images of the right
+    rank, labels 1..N present exactly once each as boxes, each box the tight bound of its label."""
+    imgs = arrays["imgs"]
+    dim = 3 if name.startswith("3D") else 2
+    ok_shape = imgs.ndim == 3 and (dim == 3 or imgs.shape[2] == 3)
+    if imgs.dtype != np.uint8 or not ok_shape:
+        raise SystemExit(f"{name}: imgs {imgs.shape} {imgs.dtype} is not challenge format")
+    if dim == 3 and arrays["spacing"].shape != (3,):
+        raise SystemExit(f"{name}: spacing must have 3 values, got {arrays['spacing']}")
+    if "gts" not in arrays:
+        return
+    gts, boxes = arrays["gts"], arrays["boxes"]
+    if gts.shape != imgs.shape[:gts.ndim] or gts.dtype != np.uint8:
+        raise SystemExit(f"{name}: gts {gts.shape} {gts.dtype} does not match imgs {imgs.shape}")
+    if len(boxes) == 0 or int(gts.max()) != len(boxes):
+        raise SystemExit(f"{name}: {len(boxes)} boxes but labels up to {int(gts.max())}")
+    for i, (box, sl) in enumerate(zip(boxes, ndimage.find_objects(gts)), 1):
+        if sl is None or not np.array_equal(box, boxes_from_bounds([sl])[0]):
+            raise SystemExit(f"{name}: box {i} {box.tolist()} is not the bound of label {i}")
+
+
 # ---------------------------------------------------------------- writing -------------------------
 def save_npz_atomic(path: str, **arrays) -> None:
     """Write a compressed npz (what np.savez_compressed writes, readable by np.load) to
@@ -730,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for case in cases:
         arrays = (build_3d if case.dim == 3 else build_2d)(case, args.mirror_root)
+        check_case(case.name, arrays)
         write_case(case, arrays, args.out)
         rows.append(manifest_row(case, arrays, args.mirror_root))
         nobj = len(arrays.get("boxes", []))
