@@ -748,6 +748,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {len(unpinned)} raw files have no pinned sha256 yet: {unpinned[:3]}…",
               file=sys.stderr)
 
+    unknown = sorted(set(args.only or ()) - {c.name for c in CASES})
+    if unknown:
+        raise SystemExit(f"--only: no such case(s): {', '.join(unknown)}")
     cases = [c for c in CASES if args.only is None or c.name in args.only]
     rows = []
     for case in cases:
