@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=300, help="random accesses to time")
     p.add_argument("--cache-size", type=int, default=4, help="decoded volumes kept by the LRU cache")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--large", action="store_true",
+                   help="also time random slices of one 64×512×512 CT phantom: whole-case decode vs partial_decode_mb")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     a = p.parse_args(argv)
 
@@ -134,6 +136,20 @@ def main(argv=None) -> int:
             ds[start + z]
         res["sequential_sample_ms"] = round((time.perf_counter() - t0) * 1e3 / int(index.n_slices[f]), 3)
         res["sequential_decodes"] = index.n_decoded - before
+
+        if a.large:  # cache-miss regime on one CT-sized volume: whole-case decode vs slice-only reads
+            big = root.parent / (root.name + "_large") / "3DBox_CT_large.npz"
+            case = data.make_synthetic_case("3D", (64, 512, 512), 6, "CT", seed=a.seed)
+            data.write_case(big, case)
+            zs = rng.integers(0, 64, size=12)
+            for mode, kw in (("full_decode", {}), ("partial_decode", {"partial_decode_mb": 0.0})):
+                idx = data.SliceIndex([big], cache_size=0, **kw)
+                t0 = time.perf_counter()
+                for z in zs:
+                    idx.slice(0, int(z))
+                res[f"large_{mode}_slice_ms"] = round((time.perf_counter() - t0) * 1e3 / zs.size, 1)
+            res["large_shape"] = list(case["imgs"].shape)
+            shutil.rmtree(big.parent, ignore_errors=True)
         res["peak_rss_mb"] = round(peak_rss_mb(), 1)
         res["tree"] = {"dir": str(root), "side_px": a.side, "depth": [a.min_depth, a.max_depth],
                        "bytes": sum(p.stat().st_size for p in index.files)}

@@ -135,11 +135,12 @@ def _canonical_modality(name: str) -> str:
     return _MODALITY_ALIASES.get(name.lower().replace("-", "").replace("_", ""), name)
 
 
-_NPY_HEADER = re.compile(r"^\{'descr': '([^']+)', 'fortran_order': (?:True|False), 'shape': \(([0-9, ]*)\), \}")
+_NPY_HEADER = re.compile(r"^\{'descr': '([^']+)', 'fortran_order': (True|False), 'shape': \(([0-9, ]*)\), \}")
 
 
-def _read_npy_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Parse the .npy header at the start of file-like `fp` (reads a few hundred bytes).
+def _read_npy_header_full(fp, where: str) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """Parse the .npy header at the start of file-like `fp` → (shape, dtype, fortran_order); `fp` is
+    left at the first data byte (reads a few hundred bytes).
 
     The plain-dtype header numpy writes is matched by a regex (ast.literal_eval was 40 % of the
     index build time); anything else goes through numpy's own parser."""
@@ -149,24 +150,49 @@ def _read_npy_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype]:
             text = fp.read(int.from_bytes(start[8:10], "little")).decode("latin1")
             m = _NPY_HEADER.match(text)
             if m:
-                return tuple(int(s) for s in m.group(2).replace(" ", "").split(",") if s), np.dtype(m.group(1))
+                shape = tuple(int(s) for s in m.group(3).replace(" ", "").split(",") if s)
+                return shape, np.dtype(m.group(1)), m.group(2) == "True"
             header = ast.literal_eval(text)
-            return tuple(int(s) for s in header["shape"]), np.dtype(npformat.descr_to_dtype(header["descr"]))
-        fp.seek(0)
-        major, minor = npformat.read_magic(fp)
-        if (major, minor) == (1, 0):
-            shape, _, dtype = npformat.read_array_header_1_0(fp)
-        elif (major, minor) == (2, 0):
-            shape, _, dtype = npformat.read_array_header_2_0(fp)
-        elif major == 3:  # utf-8 header (only for structured dtypes with non-latin names)
-            n = int.from_bytes(fp.read(4), "little")
-            header = ast.literal_eval(fp.read(n).decode("utf8"))
-            shape, dtype = tuple(header["shape"]), np.dtype(header["descr"])
         else:
-            raise ValueError(f"unsupported .npy version {major}.{minor}")
-    except (ValueError, EOFError, zlib.error, zipfile.BadZipFile, SyntaxError, KeyError) as e:
+            fp.seek(0)
+            major, minor = npformat.read_magic(fp)
+            if major not in (1, 2, 3):
+                raise ValueError(f"unsupported .npy version {major}.{minor}")
+            n = int.from_bytes(fp.read(2 if major == 1 else 4), "little")
+            header = ast.literal_eval(fp.read(n).decode("latin1" if major < 3 else "utf8"))
+        return (tuple(int(s) for s in header["shape"]), np.dtype(npformat.descr_to_dtype(header["descr"])),
+                bool(header["fortran_order"]))
+    except (ValueError, EOFError, zlib.error, zipfile.BadZipFile, SyntaxError, KeyError, TypeError) as e:
         raise ValueError(f"{where}: unreadable .npy header ({e})") from None
-    return tuple(int(s) for s in shape), np.dtype(dtype)
+
+
+def _read_npy_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype]:
+    shape, dtype, _ = _read_npy_header_full(fp, where)
+    return shape, dtype
+
+
+def npz_read_slice(path: str | os.PathLike, key: str, z: int) -> np.ndarray:
+    """Slice z (along the first axis) of array `key` in an npz, inflating only the bytes up to the
+    end of that slice (on average half of a volume, and never the whole volume in memory).
+    Fortran-ordered arrays fall back to a full decode."""
+    where = f"{path}:{key}"
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(key + ".npy") as fp:
+            shape, dtype, fortran = _read_npy_header_full(fp, where)
+            if not 0 <= z < shape[0]:
+                raise ValueError(f"{where}: slice {z} out of range for shape {shape}")
+            if fortran or dtype.hasobject:
+                with np.load(path, allow_pickle=False) as npz:
+                    return np.ascontiguousarray(npz[key][z])
+            slice_shape = shape[1:]
+            n_bytes = int(np.prod(slice_shape, dtype=np.int64)) * dtype.itemsize
+            fp.seek(fp.tell() + z * n_bytes)  # forward seek = inflate and discard
+            buf = fp.read(n_bytes)
+            if len(buf) != n_bytes:
+                raise ValueError(f"{where}: truncated payload")
+            return np.frombuffer(buf, dtype=dtype).reshape(slice_shape).copy()
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"{where}: cannot read slice {z} ({type(e).__name__}: {e})") from None
 
 
 def npz_keys(path: str | os.PathLike) -> list[str]:
@@ -401,13 +427,18 @@ class SliceIndex:
 
     def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike], root: str | os.PathLike | None = None,
                  cache_size: int = 4, require_labels: bool = True, progress: bool = False,
-                 cache_mb: float = 1024.0, header_cache: str | os.PathLike | None = None) -> None:
+                 cache_mb: float = 1024.0, header_cache: str | os.PathLike | None = None,
+                 partial_decode_mb: float | None = None) -> None:
         """`source`: a root folder (find_cases), one .npz, or a list of .npz paths. `root`: where the
         `<Modality>/` folders start (defaults to `source` when it is a folder). `require_labels`
         drops cases without labels (counted in `n_unlabelled_files`). The cache holds at most
         `cache_size` decoded cases and `cache_mb` MiB (the newest case is always kept): a 300×512×512
         CT is 150 MiB with its labels, and every DataLoader worker has its own cache.
-        `header_cache`: a JSON file remembering the npy headers between runs (HeaderCache)."""
+        `header_cache`: a JSON file remembering the npy headers between runs (HeaderCache).
+        `partial_decode_mb`: 3D cases whose `imgs` exceed this many MiB and are not cached are read
+        one slice at a time (npz_read_slice: inflate up to the slice, ~half the volume on average,
+        nothing cached) — for random sampling over large CTs, where the LRU cache almost never hits.
+        None (default) = always decode whole cases into the cache."""
         if isinstance(source, (str, os.PathLike)):
             files = find_cases(source)
             if root is None and Path(source).is_dir():
@@ -417,6 +448,8 @@ class SliceIndex:
         self.root = Path(root) if root is not None else None
         self.cache_size = int(cache_size)
         self.cache_mb = float(cache_mb)
+        self.partial_decode_mb = partial_decode_mb
+        self.image_nbytes: list[int] = []
         self.files: list[Path] = []
         self.label_files: list[Path | None] = []
         self.modality: list[str] = []
@@ -430,7 +463,7 @@ class SliceIndex:
             headers = hc.headers(f, ("imgs", "gts"))  # one zip open per case: the index's whole cost
             if "imgs" not in headers:
                 raise ValueError(f"{f}: no 'imgs' array")
-            shape = headers["imgs"][0]
+            shape, dtype = headers["imgs"]
             is_3d = _is_3d(f.name, shape)
             if len(shape) not in (2, 3) or (is_3d and len(shape) != 3):
                 raise ValueError(f"{f}: imgs must be H×W, H×W×3 or D×H×W, got shape {shape}")
@@ -451,6 +484,7 @@ class SliceIndex:
             self.modality.append(modality_of(f, self.root))
             self.is_3d.append(is_3d)
             self.image_shape.append(shape)
+            self.image_nbytes.append(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
             n_slices.append(shape[0] if is_3d else 1)
             if progress and (k + 1) % 1000 == 0:
                 print(f"indexed {k + 1}/{len(files)} files", file=sys.stderr)
@@ -465,6 +499,7 @@ class SliceIndex:
         self._cache: OrderedDict[int, dict] = OrderedDict()
         self._presence: dict[int, np.ndarray] = {}
         self.n_decoded = 0  # number of case decompressions (cache misses), for tests and benchmarks
+        self.n_partial = 0  # number of single-slice reads (partial_decode_mb)
 
     def __len__(self) -> int:
         return self.cum_ends[-1] if self.cum_ends else 0
@@ -512,6 +547,12 @@ class SliceIndex:
 
     def slice(self, file_index: int, z: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(image, labels) of one slice: image H×W or H×W×3, labels H×W (None if unlabelled)."""
+        if (self.partial_decode_mb is not None and self.is_3d[file_index] and file_index not in self._cache
+                and self.image_nbytes[file_index] > self.partial_decode_mb * 2**20):
+            self.n_partial += 1
+            lab = self.label_files[file_index]
+            return (npz_read_slice(self.files[file_index], "imgs", z),
+                    None if lab is None else npz_read_slice(lab, "gts", z))
         case = self.load(file_index)
         if self.is_3d[file_index]:
             g = case["gts"]
@@ -633,6 +674,9 @@ class SegmentationDataset:
             if lab is not None and lab.any():
                 return f, z, img, lab
             present = self.index.label_presence(f)
+            if present is None and lab is not None:  # read slice by slice so far: decode once to learn
+                self.index.load(f)
+                present = self.index.label_presence(f)
             if present is not None and present.any():  # retry in the same file (already decoded)
                 z = int(rng.choice(np.flatnonzero(present)))
             else:  # no labels anywhere in the file: another file of the same modality

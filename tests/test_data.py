@@ -431,3 +431,35 @@ def test_header_cache_skips_unchanged_files_and_notices_changes(tmp_path):
     os.utime(files[1], ns=(1, 1))
     third = data.SliceIndex(tmp_path / "t", header_cache=cache)
     assert third.header_cache_hits == 2 and third.n_slices.tolist() == [3, 9, 5]
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_npz_read_slice_matches_full_decode(tmp_path, compressed):
+    rng = np.random.default_rng(1)
+    arrays = {"u8": rng.integers(0, 256, (9, 13, 7), dtype=np.uint8), "i16": rng.integers(-900, 900, (4, 5, 6), dtype=np.int16),
+              "be": rng.normal(size=(3, 4)).astype(">f4"), "fortran": np.asfortranarray(rng.normal(size=(4, 3, 2)))}
+    f = tmp_path / "x.npz"
+    (np.savez_compressed if compressed else np.savez)(f, **arrays)
+    for k, a in arrays.items():
+        for z in range(a.shape[0]):
+            got = data.npz_read_slice(f, k, z)
+            assert got.dtype == a.dtype and np.array_equal(got, a[z]), (k, z)
+    with pytest.raises(ValueError, match="out of range"):
+        data.npz_read_slice(f, "u8", 9)
+
+
+def test_partial_decode_serves_the_same_samples_without_caching(tmp_path):
+    imgs, gts = _volume(12, 32, 32, value=5)
+    gts[:3] = 0  # first slices unlabelled: the dataset must learn that by one full decode
+    f = _save(tmp_path / "3DBox_CT_big.npz", imgs=imgs, gts=gts)
+    full = data.SliceIndex([f])
+    part = data.SliceIndex([f], partial_decode_mb=0.001)
+    for z in (0, 7, 11):
+        a, b = full.slice(0, z), part.slice(0, z)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert part.n_decoded == 0 and part.n_partial == 3
+    ds = data.SegmentationDataset(part, flip=False)
+    s = ds[8]
+    assert s["z"] == 8 and part.n_decoded == 0
+    s = ds[1]  # empty slice → one full decode records presence → a labelled slice of the same file
+    assert s["z"] >= 3 and part.n_decoded == 1
