@@ -463,3 +463,14 @@ def test_partial_decode_serves_the_same_samples_without_caching(tmp_path):
     assert s["z"] == 8 and part.n_decoded == 0
     s = ds[1]  # empty slice → one full decode records presence → a labelled slice of the same file
     assert s["z"] >= 3 and part.n_decoded == 1
+
+
+def test_bench_set_cases_have_the_promised_content():
+    kinds = {(k, tuple(s), n) for k, _, s, n in data.BENCH_CASES}
+    assert ("3D", (64, 512, 512), 6) in kinds and ("2D", (3024, 4032), 3) in kinds
+    kind, mod, shape, n = next(c for c in data.BENCH_CASES if c[0] == "2D" and c[3] >= 120)
+    many = data.make_synthetic_case(kind, shape, n, mod, seed=1)
+    assert len(many["boxes"]) == n >= 120 and many["gts"].max() == n
+    ct = data.make_synthetic_case("3D", (64, 512, 512), 6, "CT", seed=0)
+    z0, z1 = ct["boxes"][:, 2], ct["boxes"][:, 5]
+    assert z0.max() < z1.min() and (z1 - z0 >= 8).all()  # six objects sharing a common z-range
