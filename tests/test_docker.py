@@ -1,0 +1,70 @@
+"""The challenge image, built and run the way the challenge does (podman as docker, `-m 8G`, no network)
+through ../shared/tools/docker-smoke.sh, on a small input folder that includes a 2560×1920 2D case with
+255 boxes. Takes ~3+ minutes; skipped (with the reason) when not root, when podman cannot be installed,
+or when models/default does not exist yet.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO.parent / "shared" / "tools" / "docker-smoke.sh"
+sys.path.insert(0, str(REPO))
+
+import data  # noqa: E402
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+CASES = {  # name → (kind, shape, boxes)
+    "2DBox_Microscopy_smoke_0001.npz": ("2D", (1920, 2560), 255),  # the issue's memory case
+    "2DBox_Endoscopy_smoke_0002.npz": ("2D", (300, 400), 3),
+    "3DBox_CT_smoke_0003.npz": ("3D", (12, 96, 96), 2),
+}
+
+
+def _why_not() -> str | None:
+    if not SMOKE.is_file():
+        return f"{SMOKE} not found (the shared tools sit beside the repo as ../shared)"
+    if os.geteuid() != 0:
+        return "docker-smoke needs root (podman with cgroups)"
+    if not (REPO / "models" / "default" / "encoder.xml").is_file():
+        return "models/default missing: make it with `python export.py --checkpoint CKPT --out models/default`"
+    if shutil.which("podman") and shutil.which("mmdebstrap"):
+        return None
+    if not shutil.which("apt-get"):
+        return "podman is not installed and there is no apt-get to install it"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    ok = subprocess.run("apt-get update -q && apt-get install -y -q podman mmdebstrap", shell=True, env=env,
+                        capture_output=True, timeout=900).returncode == 0
+    return None if ok else "podman cannot be installed here (apt-get install podman mmdebstrap failed)"
+
+
+def test_docker_smoke(tmp_path):
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    inputs, out = tmp_path / "inputs", tmp_path / "outputs"
+    inputs.mkdir()
+    for k, (name, (kind, shape, n)) in enumerate(CASES.items()):
+        case = data.make_synthetic_case(kind, shape, n, name.split("_")[1], seed=k)
+        np.savez_compressed(inputs / name, imgs=case["imgs"], boxes=case["boxes"], spacing=case["spacing"])
+    inputs.chmod(0o755)
+    proc = subprocess.run(["bash", "../shared/tools/docker-smoke.sh", ".", str(inputs)], cwd=REPO, env=dict(os.environ, OUT=str(out)), capture_output=True, text=True, timeout=3600)
+    log = proc.stdout + proc.stderr
+    print(log[-4000:])  # image size and container peak memory, shown with -s / on failure
+    assert proc.returncode == 0, log[-4000:]
+    for name, (kind, shape, n) in CASES.items():
+        with np.load(out / name) as f:
+            segs = f["segs"]
+        assert segs.dtype == np.uint8 and segs.shape == (tuple(shape) if kind == "3D" else tuple(shape[:2]))
+    peak = re.search(r"container peak memory (\d+) MiB", log)
+    if peak:
+        assert int(peak.group(1)) < 8 * 1024
