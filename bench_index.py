@@ -63,7 +63,7 @@ def write_tree(root: Path, n_files: int, depth_range: tuple[int, int], side: int
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dir", default=None, help="tree folder (default: a temporary folder)")
+    p.add_argument("--dir", default=None, help="tree folder (None: a temporary folder, removed afterwards unless --keep)")
     p.add_argument("--keep", action="store_true", help="keep the tree after the run")
     p.add_argument("--reuse", action="store_true", help="index an existing tree in --dir instead of writing one")
     p.add_argument("--n-files", type=int, default=2000, help="number of 3D npz files to write")
@@ -77,6 +77,8 @@ def main(argv=None) -> int:
                    help="also time random slices of one 64×512×512 CT phantom: whole-case decode vs partial_decode_mb")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     a = p.parse_args(argv)
+    if a.reuse and not a.dir:
+        p.error("--reuse needs --dir (the tree to index)")
 
     root = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="bench_index_"))
     try:
