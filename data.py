@@ -641,6 +641,7 @@ class SegmentationDataset:
     flipped mask, so image, mask and box always agree.
     Randomness is a function of (seed, epoch, i): identical in every DataLoader worker and rerun;
     call set_epoch(e) each epoch (reaches workers unless persistent_workers=True).
+    Needs labelled cases: build it on a SliceIndex with require_labels=True (the default).
     """
 
     def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike] | SliceIndex, bbox_shift: int = 10,
