@@ -1120,6 +1120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     x.add_argument("root", help="folder of challenge npz cases")
     x.add_argument("--strategy", choices=("min", "max10"), default="min", help="balanced-sampler strategy for Ns(m)")
+    x.add_argument("--header-cache", default=None, help="JSON file remembering npy headers between runs (HeaderCache)")
     a = p.parse_args(argv)
     if a.cmd == "synth":
         paths = write_synthetic_set(a.out, a.n2d, a.n3d, a.seed, progress=True)
@@ -1129,10 +1130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(paths)} cases in {a.out}")
     else:
         t0 = time.perf_counter()
-        idx = SliceIndex(a.root, require_labels=False, progress=True)
+        idx = SliceIndex(a.root, require_labels=False, progress=True, header_cache=a.header_cache)
         dt = time.perf_counter() - t0
         ns = samples_per_modality(idx.slices_per_modality(), a.strategy)
-        print(f"{len(idx.files)} files, {len(idx)} slices, indexed in {dt:.2f} s")
+        n_unlabelled = sum(lab is None for lab in idx.label_files)
+        print(f"{len(idx.files)} files ({n_unlabelled} unlabelled), {len(idx)} slices, indexed in {dt:.2f} s")
         for m, n in idx.slices_per_modality().items():
             print(f"  {m:12s} N={n:8d}  Ns({a.strategy})={ns.get(m, 0)}")
     return 0
