@@ -1,0 +1,324 @@
+"""Export LiteMedSAM / QMedSAM to the model dir infer.py reads: ONNX (plain for fp32, Brevitas QCDQ
+for int8) and OpenVINO IR.
+
+    python export.py --checkpoint CKPT --out MODEL_DIR [--fp32] [--opset N] [--no-ir]
+    python export.py --quantize-calibrated --calib-data devset/imgs --calib-images 8 --out MODEL_DIR
+
+MODEL_DIR (written atomically: a temporary dir next to it, then one rename per file, meta.json last):
+    encoder.onnx / encoder.xml+.bin  image B×3×256×256 float32 → image_embedding B×256×64×64 (B dynamic)
+    decoder.onnx / decoder.xml+.bin  image_embedding 1×256×64×64, boxes N×4 float32 (256-pixel model
+                                     space, N dynamic) → low_res_logits N×1×256×256 (prompt encoder inside)
+    meta.json                        source checkpoint + sha256, quantized parts, opset, date, versions
+
+CKPT is "published" (the fp32 LiteMedSAM weights, model.published_checkpoint()) or a train.py
+checkpoint ({"model": state_dict, "quant": {"encoder": bool, "decoder": bool, …}}). A quantized part
+goes through brevitas.export.export_onnx_qcdq (TorchScript exporter: dynamo=False), a float part
+through torch.onnx.export(dynamo=False). --quantize-calibrated makes an int8 post-training-quantized
+model from the published weights (model.quantize_ + model.calibrate on K images) before any training.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import data
+import model as model_lib
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_OPSET = 17  # LayerNormalization is an ONNX op from opset 17: fewer nodes than its decomposition
+DEFAULT_CALIB_DATA = REPO_DIR / "devset" / "imgs"
+DEFAULT_CALIB_IMAGES = 8
+ENCODER_INPUTS, ENCODER_OUTPUTS = ["image"], ["image_embedding"]
+DECODER_INPUTS, DECODER_OUTPUTS = ["image_embedding", "boxes"], ["low_res_logits"]
+MODEL_FILES = ("encoder.onnx", "decoder.onnx", "encoder.bin", "encoder.xml", "decoder.bin",
+               "decoder.xml", "meta.json")  # rename order: meta.json last marks a complete dir
+
+
+def say(*msg) -> None:
+    print("export.py:", *msg, file=sys.stderr, flush=True)
+
+
+# ---- thin export wrappers ---------------------------------------------------------------------------
+# model.py is meant to provide EncoderGraph / DecoderGraph; until it does, these minimal private ones
+# stand in (forward takes exactly the graph's inputs and returns exactly its output).
+
+class _EncoderGraph(nn.Module):
+    """image B×3×256×256 → image_embedding B×256×64×64."""
+
+    def __init__(self, net: model_lib.LiteMedSAM) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net.encode(image)
+
+
+class _DecoderGraph(nn.Module):
+    """image_embedding 1×256×64×64, boxes N×4 (256-pixel space) → low_res_logits N×1×256×256."""
+
+    def __init__(self, net: model_lib.LiteMedSAM) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image_embedding: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return self.net.decode(image_embedding, boxes)
+
+
+EncoderGraph = getattr(model_lib, "EncoderGraph", _EncoderGraph)
+DecoderGraph = getattr(model_lib, "DecoderGraph", _DecoderGraph)
+
+
+# ---- models ------------------------------------------------------------------------------------------
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True if `module` holds any Brevitas quant layer (then it is exported as QCDQ)."""
+    return any(isinstance(m, model_lib.qnn.quant_layer.QuantWeightBiasInputOutputLayer)
+               or isinstance(m, model_lib.qnn.QuantIdentity) for m in module.modules())
+
+
+def load_checkpoint(checkpoint: str = "published") -> tuple[model_lib.LiteMedSAM, dict]:
+    """"published" or a train.py checkpoint path → (model in eval mode, source info for meta.json)."""
+    if checkpoint == "published":
+        path = model_lib.published_checkpoint()
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint not found")
+        # train.py checkpoints also hold optimizer state and config objects: not weights_only
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{path}: not a checkpoint dict (state_dict or {{'model', 'quant'}})")
+    if hasattr(model_lib, "build_model"):
+        net = model_lib.build_model(checkpoint=ckpt)  # rebuilds the saved quantized structure
+    else:  # model.py without build_model yet: the same steps, here
+        quant = dict(ckpt.get("quant") or {}) if "model" in ckpt else {}
+        net = model_lib.build_lite_medsam()
+        if quant.get("encoder") or quant.get("decoder"):
+            model_lib.quantize_(net, encoder=bool(quant.get("encoder")),
+                                decoder=bool(quant.get("decoder")),
+                                float_layers=quant.get("float_layers") or ())
+        net.load_state_dict(ckpt["model"] if "model" in ckpt else ckpt, strict=True)
+    info = {"checkpoint": "published" if checkpoint == "published" else str(path),
+            "checkpoint_path": str(path), "checkpoint_sha256": sha256_of(path),
+            "quantized": {"encoder": is_quantized(net.image_encoder),
+                          "decoder": is_quantized(net.mask_decoder)},
+            "quant_config": dict(getattr(net, "quant_config", None) or {})}
+    return net.eval(), info
+
+
+def calibration_batch(calib_data: str | os.PathLike, k: int,
+                      seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """K calibration samples → (images K×3×256×256 in [0, 1], boxes_256: K tensors N_i×4).
+
+    `calib_data` is a folder of challenge npz cases (files spread evenly over the sorted list; a 3D
+    case gives the slice in the middle of its first box) or "synthetic" (data.make_synthetic_case)."""
+    images, boxes = [], []
+    if str(calib_data) == "synthetic":
+        for i in range(k):
+            case = data.make_synthetic_case("2D", n_objects=4, seed=seed + i)
+            hw = case["imgs"].shape[:2]
+            images.append(data.preprocess_image(case["imgs"]))
+            boxes.append(data.boxes_to_256(case["boxes"], hw))
+    else:
+        files = data.find_cases(calib_data)
+        if not files:
+            raise FileNotFoundError(f"{calib_data}: no npz cases for calibration")
+        picks = [files[int(i)] for i in np.linspace(0, len(files) - 1, min(k, len(files)))]
+        picks += [files[i % len(files)] for i in range(k - len(picks))]
+        for path in picks:
+            case = data.load_case(path, keys=("imgs", "boxes"))
+            imgs, bx = case["imgs"], np.asarray(case["boxes"])
+            if bx.shape[1] == 6:  # 3D: the middle slice of the first box, its boxes on that slice
+                z = int((bx[0, 2] + bx[0, 5]) // 2)
+                on = (bx[:, 2] <= z) & (z <= bx[:, 5])
+                img2d, bx = imgs[z], bx[on][:, [0, 1, 3, 4]]
+            else:
+                img2d = imgs
+            hw = img2d.shape[:2]
+            images.append(data.preprocess_image(img2d))
+            boxes.append(data.boxes_to_256(bx[:16], hw))  # ≤ 16 boxes: enough statistics, bounded time
+    return torch.from_numpy(np.stack(images)), [torch.from_numpy(b) for b in boxes]
+
+
+def build_ptq_model(calib_data: str | os.PathLike = DEFAULT_CALIB_DATA,
+                    k: int = DEFAULT_CALIB_IMAGES) -> tuple[model_lib.LiteMedSAM, dict]:
+    """The published LiteMedSAM, int8-quantized (model.quantize_) and calibrated on K images."""
+    net, info = load_checkpoint("published")
+    model_lib.quantize_(net)
+    images, boxes_256 = calibration_batch(calib_data, k)
+    say(f"calibrating on {len(images)} images from {calib_data}")
+    model_lib.calibrate(net, images, boxes_256)
+    info["quantized"] = {"encoder": True, "decoder": True}
+    info["quant_config"] = dict(getattr(net, "quant_config", None) or {})
+    info["calibration"] = {"data": str(calib_data), "images": len(images)}
+    return net.eval(), info
+
+
+# ---- ONNX / IR writing -------------------------------------------------------------------------------
+
+def example_inputs() -> dict[str, tuple[torch.Tensor, ...]]:
+    """Tracing inputs: a [0, 1] image, an embedding, two boxes (N > 1 so no size-1 broadcast is baked in)."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, model_lib.IMAGE_SIZE, model_lib.IMAGE_SIZE, generator=g)
+    embedding = torch.randn(1, model_lib.EMBED_DIM, model_lib.EMBED_SIZE, model_lib.EMBED_SIZE,
+                            generator=g)
+    boxes = torch.tensor([[30.0, 40.0, 120.0, 150.0], [100.0, 80.0, 220.0, 200.0]])
+    return {"encoder": (image,), "decoder": (embedding, boxes)}
+
+
+def export_onnx(graph: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
+                output_names: list[str], dynamic_axes: dict, opset: int) -> None:
+    """One graph → ONNX at `path`: Brevitas QCDQ if it holds quant layers, else plain ONNX."""
+    graph.eval()
+    kwargs = dict(input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+                  opset_version=opset, dynamo=False)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer warnings
+        if is_quantized(graph):
+            from brevitas.export import export_onnx_qcdq
+            export_onnx_qcdq(graph, args, export_path=str(path), **kwargs)
+        else:
+            torch.onnx.export(graph, args, str(path), do_constant_folding=True, **kwargs)
+
+
+def check_onnx(path: Path) -> None:
+    """onnx.checker with full shape inference; raises naming the file."""
+    import onnx
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # noqa: BLE001  (checker raises several types)
+        raise ValueError(f"{path}: onnx.checker failed: {e}") from None
+
+
+def to_ir(onnx_path: Path, xml_path: Path) -> None:
+    """ONNX → OpenVINO IR (xml + bin), weights kept in f32 (precision is chosen at compile time)."""
+    import openvino as ov
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for dist in ("torch", "brevitas", "onnx", "onnxoptimizer", "openvino", "onnxruntime", "numpy"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def export_model(net: model_lib.LiteMedSAM, out_dir: str | os.PathLike, info: dict,
+                 opset: int = DEFAULT_OPSET, ir: bool = True) -> Path:
+    """Write encoder/decoder ONNX (+ IR) and meta.json into `out_dir`, atomically per file."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        ex = example_inputs()
+        parts = {
+            "encoder": (EncoderGraph(net), ex["encoder"], ENCODER_INPUTS, ENCODER_OUTPUTS,
+                        {"image": {0: "batch"}, "image_embedding": {0: "batch"}}),
+            "decoder": (DecoderGraph(net), ex["decoder"], DECODER_INPUTS, DECODER_OUTPUTS,
+                        {"boxes": {0: "num_boxes"}, "low_res_logits": {0: "num_boxes"}}),
+        }
+        for name, (graph, args, ins, outs, dyn) in parts.items():
+            onnx_path = tmp / f"{name}.onnx"
+            kind = "QCDQ" if is_quantized(graph) else "fp32"
+            say(f"{name}: exporting {kind} ONNX (opset {opset})")
+            export_onnx(graph, args, onnx_path, ins, outs, dyn, opset)
+            check_onnx(onnx_path)
+            if ir:
+                say(f"{name}: converting to OpenVINO IR")
+                to_ir(onnx_path, tmp / f"{name}.xml")
+        meta = dict(info)
+        meta.update({
+            "opset": opset, "ir": ir, "format": {"encoder": "QCDQ" if meta["quantized"]["encoder"] else "fp32",
+                                                  "decoder": "QCDQ" if meta["quantized"]["decoder"] else "fp32"},
+            "exported_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(),
+            "graphs": {"encoder": {"inputs": {"image": ["batch", 3, 256, 256]},
+                                   "outputs": {"image_embedding": ["batch", 256, 64, 64]}},
+                       "decoder": {"inputs": {"image_embedding": [1, 256, 64, 64], "boxes": ["num_boxes", 4]},
+                                   "outputs": {"low_res_logits": ["num_boxes", 1, 256, 256]}}},
+        })
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        out_dir.mkdir(exist_ok=True)
+        (out_dir / "meta.json").unlink(missing_ok=True)  # an incomplete dir has no meta.json
+        for name in MODEL_FILES:
+            if (tmp / name).exists():
+                os.replace(tmp / name, out_dir / name)
+            elif name.endswith((".xml", ".bin")):
+                (out_dir / name).unlink(missing_ok=True)  # --no-ir: no stale IR of another model
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="published",
+                   help='"published" (fp32 LiteMedSAM) or a train.py checkpoint (.pth)')
+    p.add_argument("--out", required=True, type=Path, help="model dir to write")
+    p.add_argument("--fp32", action="store_true",
+                   help="plain fp32 ONNX export (the checkpoint must not be quantized)")
+    p.add_argument("--quantize-calibrated", action="store_true",
+                   help="int8 post-training quantization of the published model: quantize_ + "
+                        "calibrate on --calib-images images from --calib-data, then QCDQ export")
+    p.add_argument("--calib-data", default=str(DEFAULT_CALIB_DATA),
+                   help='folder of npz cases for --quantize-calibrated, or "synthetic"')
+    p.add_argument("--calib-images", type=int, default=DEFAULT_CALIB_IMAGES,
+                   help="number of calibration images")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    p.add_argument("--no-ir", action="store_true", help="write ONNX only, no OpenVINO IR")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        if args.quantize_calibrated:
+            if args.fp32 or args.checkpoint != "published":
+                raise ValueError("--quantize-calibrated starts from the published model: "
+                                 "drop --fp32 / --checkpoint")
+            net, info = build_ptq_model(args.calib_data, args.calib_images)
+        else:
+            net, info = load_checkpoint(args.checkpoint)
+            if args.fp32 and (info["quantized"]["encoder"] or info["quantized"]["decoder"]):
+                raise ValueError(f"{args.checkpoint}: --fp32 given but the checkpoint is quantized")
+        out = export_model(net, args.out, info, opset=args.opset, ir=not args.no_ir)
+    except (FileNotFoundError, ValueError) as e:
+        say(f"error: {e}")
+        return 1
+    say(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
