@@ -1,0 +1,708 @@
+"""train.py — quantization-aware training of LiteMedSAM in three stages (QMedSAM §3).
+
+  stage 1  quantized image encoder trained; prompt encoder and mask decoder float and frozen;
+           loss = segmentation loss + distillation from an fp32 teacher (default: the published
+           LiteMedSAM, `--teacher CKPT` for another checkpoint of the same architecture).
+  stage 2  quantized mask decoder trained on top of the best stage-1 quantized encoder (frozen);
+           prompt encoder float and frozen.
+  stage 3  the whole quantized model end to end (prompt encoder float and frozen unless
+           `--train-prompt-encoder`).
+
+Run directory (`--out RUN`): every stage writes RUN/stage<k>/{last.pth, best.pth, metrics.csv,
+curves.png}; `--init` defaults to RUN/stage<k-1>/best.pth (stage 1: the published LiteMedSAM,
+quantized and calibrated on a few training images).
+
+One process, or DDP under torchrun (gloo on CPU, NCCL on CUDA; rank 0 logs and saves):
+  python train.py --stage 1 --data data/synthetic --out runs/demo --epochs 2 --max-steps 20
+  python train.py --stage 2 --data data/synthetic --out runs/demo        # starts from stage1/best.pth
+  torchrun --nproc_per_node 2 train.py --stage 3 --data data/synthetic --out runs/demo
+Multi-node (2 nodes × 4 GPUs; run the same line on every node, HOST0 reachable from all):
+  torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 \
+      --rdzv_id qmedsam train.py --stage 1 --device cuda --data /data/cvpr24 --out /shared/runs/qat
+
+Defaults are the plain names below; a config file (`--config FILE`, a .json object or a .py file
+assigning the same names) overrides them, and command-line flags override both.
+
+Learning rate: `lr_at(epoch, ...)` is a closed-form function of the epoch, applied once per epoch
+(per-epoch schedule: a resume lands exactly on the same LR). Linear warm-up from 1 % of the LR at
+epoch 0 to the LR at epoch Nw, then cosine annealing from the LR at epoch Nw to 0.1 % of it at epoch
+Nw + Na − 1 (half-period Na − 1 epochs), constant 0.1 % after that.
+
+Checkpoint (one dict, torch.save, written atomically): {"model": state_dict (incl. Brevitas
+scales), "quant": {"encoder": bool, "decoder": bool}, "optimizer": state_dict, "scaler":
+state_dict|None, "epoch": last finished epoch (0-based), "lr": LR used in that epoch, "schedule":
+{"base_lr", "warmup_epochs", "anneal_epochs"}, "config": all settings, "stage": int,
+"metrics": that epoch's eval summary, "best_metric": best mean DSC so far, "best_epoch": int}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import data
+import losses
+import metrics
+import model as model_lib
+
+# ---- defaults (override with --config FILE or flags) ----
+stage = 1                      # 1 | 2 | 3, see the module docstring
+data_root = "data/synthetic"   # challenge tree <root>/<Modality>/<dataset>/*.npz, or a flat dir
+eval_root = None               # separate eval tree; None → hold out eval_fraction of --data by file
+eval_fraction = 0.1            # the paper holds out one tenth
+out = "runs/qat"               # run directory; stage k writes out/stage<k>/
+init = None                    # start checkpoint; None → previous stage's best.pth (stage 1: published)
+teacher = "published"          # stage-1 fp32 teacher
+resume = False                 # continue from out/stage<k>/last.pth
+epochs = 10
+batch_size = 8
+lr = 1e-4
+warmup_epochs = 1
+anneal_epochs = None           # None → epochs − warmup_epochs
+optim = "sgd"                  # sgd (momentum 0.9, like the reference) | adamw
+momentum = 0.9
+weight_decay = 1e-4
+distill_weight = 1.0           # weight of the stage-1 distillation term
+device = "cpu"
+amp = False                    # CUDA autocast fp16 + GradScaler; ignored with a warning on CPU
+max_steps = 0                  # >0: stop each epoch after this many optimizer steps
+samples_per_modality = 0       # >0: the balanced sampler draws this many per modality per epoch
+workers = 0                    # DataLoader worker processes
+seed = 0
+bbox_shift = 10                # box jitter in pixels (paper config: 10)
+calib_images = 8               # training images used to calibrate freshly quantized parts
+eval_max_slices = 16           # 3D eval: at most this many contiguous slices per case (0 = all)
+eval_max_cases = 0             # >0: evaluate only the first N eval cases (cheap smoke runs)
+eval_box_block = 64            # boxes per decoder call in evaluation (memory bound)
+pseudo_label = False           # also train on unlabeled cases with the fp32 teacher's mask as target
+train_prompt_encoder = False   # stage 3 only
+save_every_epoch = False       # also keep epoch_XXX.pth
+threads = 2                    # torch.set_num_threads per process
+eval_only = None               # "start": score the stage's start model; "teacher": the fp32 teacher
+debug_sample_log = None        # write "rank epoch sample_id" lines to this file prefix (tests)
+
+DEFAULT_NAMES = ["stage", "data_root", "eval_root", "eval_fraction", "out", "init", "teacher",
+                 "resume", "epochs", "batch_size", "lr", "warmup_epochs", "anneal_epochs", "optim",
+                 "momentum", "weight_decay", "distill_weight", "device", "amp", "max_steps",
+                 "samples_per_modality", "workers", "seed", "bbox_shift", "calib_images",
+                 "eval_max_slices", "eval_max_cases", "eval_box_block", "pseudo_label",
+                 "train_prompt_encoder", "save_every_epoch", "threads", "eval_only", "debug_sample_log"]
+QUANT_BY_STAGE = {1: (True, False), 2: (True, True), 3: (True, True)}  # (encoder, decoder)
+
+
+# ---- learning-rate schedule ----
+
+def lr_at(epoch: float, base_lr: float, warmup_epochs: int, anneal_epochs: int) -> float:
+    """Closed-form LR at (possibly fractional) `epoch`: linear 1 % → 100 % over [0, Nw], then cosine
+    100 % → 0.1 % over [Nw, Nw + Na − 1] (half-period Na − 1), then 0.1 %."""
+    start, floor = 0.01 * base_lr, 0.001 * base_lr
+    if epoch < warmup_epochs:
+        return start + (base_lr - start) * epoch / warmup_epochs
+    t = epoch - warmup_epochs
+    half_period = anneal_epochs - 1
+    if half_period <= 0:  # Na ≤ 1: nothing to anneal over, stay at the LR
+        return base_lr
+    if t >= half_period:
+        return floor
+    return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * t / half_period))
+
+
+# ---- configuration ----
+
+def load_config_file(path: str) -> dict:
+    """A .json object or a .py file assigning default names → {name: value}."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"train.py: config file {path} does not exist")
+    if p.suffix == ".json":
+        values = json.loads(p.read_text())
+    else:
+        scope: dict = {}
+        exec(compile(p.read_text(), str(p), "exec"), scope)
+        values = {k: v for k, v in scope.items() if not k.startswith("__")}
+    unknown = sorted(set(values) - set(DEFAULT_NAMES))
+    if unknown:
+        raise SystemExit(f"train.py: config file {path} sets unknown names {unknown}")
+    return values
+
+
+def build_parser(defaults: dict) -> argparse.ArgumentParser:
+    d = defaults
+    p = argparse.ArgumentParser(description="QMedSAM quantization-aware training (3 stages).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help="a .json or .py file of default names to override")
+    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=d["stage"],
+                   help="1: quant encoder + distillation; 2: quant decoder; 3: whole model")
+    p.add_argument("--data", dest="data_root", default=d["data_root"],
+                   help="training tree (challenge layout or our synthetic/dev layout)")
+    p.add_argument("--eval-root", default=d["eval_root"],
+                   help="separate evaluation tree (default: hold out --eval-fraction of --data)")
+    p.add_argument("--eval-fraction", type=float, default=d["eval_fraction"],
+                   help="fraction of --data files held out for evaluation (split by file)")
+    p.add_argument("--out", default=d["out"], help="run directory; stage k writes OUT/stage<k>/")
+    p.add_argument("--init", default=d["init"],
+                   help="start checkpoint ('published', a path); default: OUT/stage<k-1>/best.pth")
+    p.add_argument("--teacher", default=d["teacher"],
+                   help="stage-1 fp32 teacher ('published' or a checkpoint path)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=d["resume"],
+                   help="continue from OUT/stage<k>/last.pth")
+    p.add_argument("--epochs", type=int, default=d["epochs"], help="total epochs of this stage")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="samples per step per rank")
+    p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate")
+    p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"],
+                   help="linear warm-up from 1%% of --lr over this many epochs")
+    p.add_argument("--anneal-epochs", type=int, default=d["anneal_epochs"],
+                   help="cosine annealing to 0.1%% of --lr over this many epochs (default: epochs - warmup)")
+    p.add_argument("--optim", choices=("sgd", "adamw"), default=d["optim"], help="optimizer")
+    p.add_argument("--momentum", type=float, default=d["momentum"], help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="weight decay")
+    p.add_argument("--distill-weight", type=float, default=d["distill_weight"],
+                   help="weight of the stage-1 distillation term")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=d["device"], help="device")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d["amp"],
+                   help="mixed precision (CUDA only; warned and ignored on CPU)")
+    p.add_argument("--max-steps", type=int, default=d["max_steps"],
+                   help="stop each epoch after this many steps (0 = whole epoch)")
+    p.add_argument("--samples-per-modality", type=int, default=d["samples_per_modality"],
+                   help="balanced sampler: samples per modality per epoch (0 = sampler default)")
+    p.add_argument("--workers", type=int, default=d["workers"], help="DataLoader workers per rank")
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed for split, sampler and torch")
+    p.add_argument("--bbox-shift", type=int, default=d["bbox_shift"], help="box jitter in pixels")
+    p.add_argument("--calib-images", type=int, default=d["calib_images"],
+                   help="training images used to calibrate freshly quantized parts")
+    p.add_argument("--eval-max-slices", type=int, default=d["eval_max_slices"],
+                   help="3D eval: at most this many contiguous slices per case (0 = all)")
+    p.add_argument("--eval-max-cases", type=int, default=d["eval_max_cases"],
+                   help="evaluate only the first N eval cases (0 = all)")
+    p.add_argument("--eval-box-block", type=int, default=d["eval_box_block"],
+                   help="boxes per decoder call during evaluation")
+    p.add_argument("--pseudo-label", action=argparse.BooleanOptionalAction, default=d["pseudo_label"],
+                   help="train on unlabeled cases too, with the fp32 teacher's mask as target")
+    p.add_argument("--train-prompt-encoder", action=argparse.BooleanOptionalAction,
+                   default=d["train_prompt_encoder"], help="stage 3: also train the prompt encoder")
+    p.add_argument("--save-every-epoch", action=argparse.BooleanOptionalAction,
+                   default=d["save_every_epoch"], help="also keep epoch_XXX.pth")
+    p.add_argument("--threads", type=int, default=d["threads"], help="torch threads per process")
+    p.add_argument("--eval-only", choices=("start", "teacher"), default=d["eval_only"],
+                   help="only evaluate (no training, nothing saved): the stage's start model "
+                        "(quantized + calibrated as training would begin) or the fp32 teacher; "
+                        "prints the summary as JSON on stdout")
+    p.add_argument("--debug-sample-log", default=d["debug_sample_log"],
+                   help="write '<epoch> <sample id>' lines to PREFIX.rank<r>.txt (tests)")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
+    """Module defaults ← config file ← command-line flags."""
+    defaults = {name: globals()[name] for name in DEFAULT_NAMES}
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        defaults.update(load_config_file(known.config))
+    cfg = build_parser(defaults).parse_args(argv)
+    if cfg.anneal_epochs is None:
+        cfg.anneal_epochs = max(cfg.epochs - cfg.warmup_epochs, 1)
+    return cfg
+
+
+# ---- distributed ----
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK → (rank, world_size, device); init the group."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_name == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("train.py: --device cuda but CUDA is not available")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def log(rank: int, *msg) -> None:
+    if rank == 0:
+        print("train.py:", *msg, file=sys.stderr, flush=True)
+
+
+# ---- model per stage ----
+
+def checkpoint_quant(source: str | None) -> dict:
+    """Which parts a start checkpoint has quantized: {"encoder": bool, "decoder": bool, …} (our
+    checkpoints carry model.py's quant_config under "quant"; the published file is fp32)."""
+    if source in (None, "published"):
+        return {"encoder": False, "decoder": False}
+    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    quant = dict(ckpt.get("quant") or {}) if isinstance(ckpt, dict) else {}
+    quant["encoder"], quant["decoder"] = bool(quant.get("encoder")), bool(quant.get("decoder"))
+    return quant
+
+
+def default_init(cfg: argparse.Namespace) -> str:
+    """Stage 1 starts from the published LiteMedSAM; stage k from OUT/stage<k-1>/best.pth."""
+    if cfg.init:
+        return cfg.init
+    if cfg.stage == 1:
+        return "published"
+    prev = Path(cfg.out) / f"stage{cfg.stage - 1}" / "best.pth"
+    if not prev.is_file():
+        raise SystemExit(f"train.py: {prev} does not exist; run stage {cfg.stage - 1} first "
+                         f"or pass --init CKPT")
+    return str(prev)
+
+
+def build_student(cfg: argparse.Namespace, source: str, calib_batch) -> tuple[nn.Module, dict]:
+    """The stage's student → (model, quant_config): load `source`, quantize what the stage needs
+    and `source` lacks, and calibrate only those parts on `calib_batch()` = (images B×3×256×256,
+    boxes_256 B×4)."""
+    have = checkpoint_quant(source)
+    want_enc, want_dec = QUANT_BY_STAGE[cfg.stage]
+    net = model_lib.build_model(checkpoint=source, quant_encoder=have["encoder"],
+                                quant_decoder=have["decoder"])
+    new_enc, new_dec = want_enc and not have["encoder"], want_dec and not have["decoder"]
+    if new_enc or new_dec:
+        # calibrate() re-initialises every activation scale in the model; keep the learned ones of
+        # parts quantized earlier (stage 2: the stage-1 encoder) and put them back afterwards
+        keep = [p for p, was_q in (("image_encoder", have["encoder"]), ("mask_decoder", have["decoder"]))
+                if was_q]
+        kept = {p: {k: v.clone() for k, v in getattr(net, p).state_dict().items()} for p in keep}
+        model_lib.quantize_(net, encoder=new_enc, decoder=new_dec)
+        images, boxes_256 = calib_batch()
+        model_lib.calibrate(net, images, boxes_256[:, None])  # one 1×4 box per image
+        for p, state in kept.items():
+            getattr(net, p).load_state_dict(state)
+    quant = dict(getattr(net, "quant_config", None) or {})
+    quant["encoder"] = bool(quant.get("encoder", have["encoder"] or new_enc))
+    quant["decoder"] = bool(quant.get("decoder", have["decoder"] or new_dec))
+    return net, quant
+
+
+def set_trainable(net: nn.Module, stage_k: int, train_prompt_encoder: bool) -> dict:
+    """requires_grad per part for the stage → {part: trainable}."""
+    parts = {"image_encoder": stage_k in (1, 3), "mask_decoder": stage_k in (2, 3),
+             "prompt_encoder": stage_k == 3 and train_prompt_encoder}
+    for name, trainable in parts.items():
+        for p in getattr(net, name).parameters():
+            p.requires_grad_(trainable)
+    return parts
+
+
+def train_mode(net: nn.Module, parts: dict) -> None:
+    """Trainable parts in train mode, frozen ones in eval mode (their quantizers stay fixed)."""
+    for name, trainable in parts.items():
+        getattr(net, name).train(trainable)
+
+
+class StudentStep(nn.Module):
+    """The module DDP wraps: image B×3×256×256, boxes_256 B×4 (one box per image) →
+    (image_embedding B×256×64×64, low_res_logits B×1×256×256)."""
+
+    def __init__(self, net: nn.Module, encoder_trainable: bool) -> None:
+        super().__init__()
+        self.net = net
+        self.encoder_trainable = encoder_trainable
+
+    def forward(self, image: torch.Tensor, boxes_256: torch.Tensor):
+        if self.encoder_trainable:
+            embedding = self.net.encode(image)
+        else:
+            with torch.no_grad():  # frozen encoder: no graph, less memory
+                embedding = self.net.encode(image)
+        return embedding, self.net.decode(embedding, boxes_256)  # B embeddings ↔ B boxes
+
+
+# ---- checkpoints and logs ----
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file in the same directory, then rename (a kill never leaves a
+    truncated checkpoint)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def append_csv(path: Path, row: dict) -> None:
+    """Append one row; write the header if the file is new (columns fixed by the first row)."""
+    new = not path.exists()
+    if not new:
+        with open(path, newline="") as f:
+            fields = next(csv.reader(f))
+    else:
+        fields = list(row)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def plot_curves(csv_path: Path, png_path: Path) -> None:
+    """Loss and eval DSC/NSD against epoch → PNG (matplotlib Agg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in read_csv(csv_path) if r.get("train_loss")]
+    if not rows:
+        return
+    ep = [int(r["epoch"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(ep, [float(r["train_loss"]) for r in rows], "o-")
+    a.set_xlabel("epoch"), a.set_ylabel("train loss"), a.set_title("loss")
+    b.plot(ep, [float(r["eval_dsc"]) for r in rows], "o-", label="DSC")
+    b.plot(ep, [float(r["eval_nsd"]) for r in rows], "s-", label="NSD")
+    b.set_xlabel("epoch"), b.set_title("eval"), b.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+
+
+# ---- evaluation (the inference pipeline's preprocessing, the challenge metrics) ----
+
+def slice_window(depth: int, boxes: np.ndarray, max_slices: int) -> tuple[int, int]:
+    """3D eval window [z_lo, z_hi): all slices, or `max_slices` contiguous ones centred on the
+    boxes' z-extent (contiguous, so 3D NSD stays meaningful)."""
+    if max_slices <= 0 or depth <= max_slices:
+        return 0, depth
+    z_lo, z_hi = int(boxes[:, 2].min()), int(boxes[:, 5].max()) + 1
+    start = max(0, min((z_lo + z_hi) // 2 - max_slices // 2, depth - max_slices))
+    return start, start + max_slices
+
+
+@torch.no_grad()
+def segment_slice(net: nn.Module, img: np.ndarray, boxes: np.ndarray, device: torch.device,
+                  box_block: int) -> np.ndarray:
+    """One 2D image H×W(×3) and its boxes N×4 (original pixels) → uint8 label map H×W (box i →
+    label i+1, later boxes win where masks overlap, as in the challenge baseline)."""
+    hw = img.shape[:2]
+    image = torch.from_numpy(data.preprocess_image(img))[None].to(device)
+    embedding = net.encode(image)
+    boxes_256 = torch.from_numpy(data.boxes_to_256(boxes, hw)).to(device)
+    seg = np.zeros(hw, np.uint8)
+    for b0 in range(0, len(boxes_256), box_block):
+        logits = net.decode(embedding, boxes_256[b0:b0 + box_block]).float().cpu().numpy()
+        for i, lg in enumerate(logits):
+            seg[data.postprocess_logits(lg[0], hw)] = b0 + i + 1
+    return seg
+
+
+@torch.no_grad()
+def evaluate_case(net: nn.Module, path: str, cfg: argparse.Namespace,
+                  device: torch.device) -> dict:
+    """One labeled challenge npz → {"case", "modality", "dsc", "nsd"} through the inference
+    pipeline: per 2D image (or per 3D slice with boxes from the 3D boxes' x/y), label map, metrics."""
+    case = data.load_case(path, labels_path=data.find_labels(path))
+    imgs, boxes, gts = case["imgs"], np.asarray(case["boxes"]), case["gts"]
+    is_3d = boxes.shape[-1] == 6
+    if not is_3d:
+        segs = segment_slice(net, imgs, boxes, device, cfg.eval_box_block)
+        spacing = None
+    else:
+        z_lo, z_hi = slice_window(imgs.shape[0], boxes, cfg.eval_max_slices)
+        imgs, gts = imgs[z_lo:z_hi], gts[z_lo:z_hi]
+        segs = np.zeros(imgs.shape, np.uint8)
+        for z in range(z_lo, z_hi):
+            on = np.flatnonzero((boxes[:, 2] <= z) & (z <= boxes[:, 5]))  # boxes covering slice z
+            if len(on) == 0:
+                continue
+            slice_seg = segment_slice(net, imgs[z - z_lo], boxes[on][:, [0, 1, 3, 4]], device,
+                                      cfg.eval_box_block)
+            for i, label in enumerate(on):  # map block-local labels back to box indices
+                segs[z - z_lo][slice_seg == i + 1] = label + 1
+        spacing = case.get("spacing")
+    dsc, nsd = metrics.case_metrics(gts, segs, spacing, is_3d)
+    return {"case": Path(path).name, "modality": metrics.modality_of(path), "dsc": float(dsc),
+            "nsd": float(nsd)}
+
+
+def summarise_eval(rows: list[dict]) -> dict:
+    """Per-case rows → flat {"dsc", "nsd" (overall: mean over cases, metrics.summarise), "n",
+    "dsc_<M>", "nsd_<M>" per modality}."""
+    summary = metrics.summarise(rows)
+    flat = {"dsc": float("nan"), "nsd": float("nan"), "n": 0}
+    for mod, s in summary.items():
+        if mod == "overall":
+            flat.update(dsc=s["dsc"], nsd=s["nsd"], n=s["n"])
+        else:
+            flat[f"dsc_{mod}"], flat[f"nsd_{mod}"] = s["dsc"], s["nsd"]
+    return flat
+
+
+def evaluate(net: nn.Module, files: list[str], cfg: argparse.Namespace, device: torch.device,
+             rank: int, world: int) -> dict:
+    """Cases sharded over ranks, rows gathered, summary identical on every rank."""
+    was_training = net.training
+    net.eval()
+    rows = [evaluate_case(net, f, cfg, device) for f in files[rank::world]]
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    net.train(was_training)
+    return summarise_eval(rows)
+
+
+# ---- training ----
+
+def seed_everything(value: int) -> None:
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
+def make_train_data(cfg: argparse.Namespace, files: list[str], rank: int, world: int):
+    """(dataset, sampler): labeled slices of `files` (one random object, jittered box, flips), the
+    balanced modality sampler sharded for this rank."""
+    dataset = data.SegmentationDataset(files, bbox_shift=cfg.bbox_shift, seed=cfg.seed,
+                                       root=cfg.data_root)
+    if len(dataset) == 0:
+        raise SystemExit(f"train.py: no labeled training cases under {cfg.data_root}")
+    sampler = data.BalancedSampler(dataset, num_replicas=world, rank=rank, seed=cfg.seed)
+    if cfg.samples_per_modality > 0:  # short runs: Ns(m) = min(N(m), k) instead of the strategy's
+        sampler.ns = {m: min(n, cfg.samples_per_modality) for m, n in sampler.counts.items() if n}
+        sampler.epoch_size = sum(sampler.ns.values())
+        sampler.num_samples = -(-sampler.epoch_size // world)
+    return dataset, sampler
+
+
+def epoch_indices(dataset, sampler, epoch: int, max_samples: int) -> list[int]:
+    """This rank's sample indices for `epoch` (its shard of the balanced epoch), cut to
+    `max_samples` if > 0 (the same count on every rank, so DDP steps stay in lockstep)."""
+    dataset.set_epoch(epoch)
+    sampler.set_epoch(epoch)
+    idx = [int(i) for i in sampler]
+    return idx[:max_samples] if max_samples > 0 else idx
+
+
+def train_one_epoch(step: nn.Module, net: nn.Module, parts: dict, teacher: nn.Module | None,
+                    loader, optimizer, scaler, cfg: argparse.Namespace, device: torch.device,
+                    rank: int, epoch: int, use_amp: bool) -> tuple[float, int, float]:
+    """One pass over `loader` → (mean loss over ranks, samples over ranks, seconds)."""
+    from tqdm import tqdm
+    train_mode(net, parts)
+    loss_sum, n_local, t0 = 0.0, 0, time.time()
+    bar = tqdm(total=len(loader), desc=f"stage {cfg.stage} epoch {epoch}", file=sys.stderr,
+               disable=rank != 0, dynamic_ncols=True)
+    for batch in loader:
+        image = batch["image"].to(device, torch.float32, non_blocking=True)
+        target = batch["mask"].to(device, torch.float32, non_blocking=True)[:, None]  # B×1×256×256
+        boxes_256 = batch["box_256"].to(device, torch.float32, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            if teacher is not None:
+                with torch.no_grad():
+                    t_embedding = teacher.encode(image)
+                    t_logits = teacher.decode(t_embedding, boxes_256)
+                if cfg.pseudo_label and "labeled" in batch:  # unlabeled: the teacher's mask is the target
+                    unlabeled = (batch["labeled"].to(device) == 0).view(-1, 1, 1, 1)
+                    target = torch.where(unlabeled, (t_logits > 0).float(), target)
+            embedding, logits = step(image, boxes_256)
+            loss = losses.segmentation_loss(logits.float(), target)
+            if cfg.stage == 1:
+                loss = loss + cfg.distill_weight * losses.distillation_loss(
+                    embedding.float(), t_embedding.float(), t_logits.float(), target)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"train.py: non-finite loss {loss.item()} at epoch {epoch}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        b = image.shape[0]
+        loss_sum += loss.item() * b
+        n_local += b
+        dt = time.time() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{n_local / max(dt, 1e-9):.2f}")
+    bar.close()
+    totals = torch.tensor([loss_sum, float(n_local)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return float(totals[0] / max(totals[1], 1)), int(totals[1]), time.time() - t0
+
+
+def make_optimizer(params: list, cfg: argparse.Namespace) -> torch.optim.Optimizer:
+    if cfg.optim == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def checkpoint_dict(net: nn.Module, quant: dict, optimizer, scaler, epoch: int, lr_now: float,
+                    cfg: argparse.Namespace, summary: dict, best_metric: float, best_epoch: int) -> dict:
+    return {"model": net.state_dict(), "quant": dict(quant), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "epoch": epoch,
+            "lr": lr_now, "schedule": {"base_lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs,
+                                       "anneal_epochs": cfg.anneal_epochs},
+            "config": vars(cfg).copy(), "stage": cfg.stage, "metrics": summary,
+            "best_metric": best_metric, "best_epoch": best_epoch}
+
+
+def split_files(cfg: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(training files, labeled eval files): hold out --eval-fraction by file, or --eval-root."""
+    files = [str(f) for f in data.find_cases(cfg.data_root)]
+    if not files:
+        raise SystemExit(f"train.py: no npz cases found under {cfg.data_root}")
+    if cfg.eval_root:
+        train_files, eval_files = files, [str(f) for f in data.find_cases(cfg.eval_root)]
+    else:
+        train_files, eval_files = data.split_by_file(files, cfg.eval_fraction, cfg.seed)
+    eval_files = [f for f in eval_files if data.find_labels(f) is not None]
+    if cfg.eval_max_cases > 0:
+        eval_files = eval_files[:cfg.eval_max_cases]
+    return [str(f) for f in train_files], [str(f) for f in eval_files]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run one stage (or --eval-only); returns the last eval summary."""
+    cfg = parse_config(argv)
+    rank, world, device = setup_distributed(cfg.device)
+    torch.set_num_threads(max(1, cfg.threads))
+    use_amp = bool(cfg.amp and device.type == "cuda")
+    if cfg.amp and not use_amp:
+        warnings.warn("train.py: --amp needs CUDA; ignored on CPU")
+    seed_everything(cfg.seed)
+    stage_dir = Path(cfg.out) / f"stage{cfg.stage}"
+    last_path, best_path = stage_dir / "last.pth", stage_dir / "best.pth"
+    csv_path = stage_dir / "metrics.csv"
+    if rank == 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+
+    train_files, eval_files = split_files(cfg)
+    dataset, sampler = make_train_data(cfg, train_files, rank, world)
+    log(rank, f"stage {cfg.stage}: {len(train_files)} training files ({len(dataset)} slices), "
+              f"{len(eval_files)} labeled eval files, world size {world}, device {device}")
+
+    def calib_batch():  # a few fixed training samples, the same on every rank
+        idx = np.random.default_rng(cfg.seed).choice(len(dataset), min(cfg.calib_images, len(dataset)),
+                                                      replace=False)
+        items = [dataset[int(i)] for i in idx]
+        return (torch.from_numpy(np.stack([it["image"] for it in items])),
+                torch.from_numpy(np.stack([it["box_256"] for it in items])))
+
+    if cfg.eval_only:
+        if cfg.eval_only == "teacher":
+            net = model_lib.build_model(checkpoint=cfg.teacher).to(device)
+        else:
+            net = build_student(cfg, default_init(cfg), calib_batch)[0].to(device)
+        summary = evaluate(net, eval_files, cfg, device, rank, world)
+        if rank == 0:
+            print(json.dumps(summary, indent=1))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return summary
+
+    ckpt = None
+    if cfg.resume:
+        if not last_path.is_file():
+            raise SystemExit(f"train.py: --resume but {last_path} does not exist")
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+        source = str(last_path)
+    else:
+        source = default_init(cfg)
+    net, quant = build_student(cfg, source, calib_batch)
+    net.to(device)
+    parts = set_trainable(net, cfg.stage, cfg.train_prompt_encoder)
+    teacher = None
+    if cfg.stage == 1 or cfg.pseudo_label:
+        teacher = model_lib.build_model(checkpoint=cfg.teacher).to(device).eval()
+        teacher.requires_grad_(False)
+    log(rank, f"init {source}, quantized {quant}, trainable "
+              f"{[k for k, v in parts.items() if v]}")
+
+    step = StudentStep(net, encoder_trainable=parts["image_encoder"]).to(device)
+    if world > 1:
+        step = nn.parallel.DistributedDataParallel(
+            step, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start_epoch, best_metric, best_epoch, summary = 0, -math.inf, -1, {}
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler") and use_amp:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        best_metric, best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
+        summary = ckpt.get("metrics", {})
+        log(rank, f"resumed from {last_path} after epoch {ckpt['epoch']} (best DSC {best_metric:.4f} "
+                  f"at epoch {best_epoch})")
+        del ckpt
+    elif eval_files:  # the start model's score: "before QAT" for this stage
+        summary = evaluate(net, eval_files, cfg, device, rank, world)
+        log(rank, f"start model: eval DSC {summary['dsc']:.4f} NSD {summary['nsd']:.4f}")
+        if rank == 0:
+            append_csv(csv_path, {"epoch": -1, "stage": cfg.stage, "lr": "", "train_loss": "",
+                                  "train_samples": 0, "train_time_s": 0, **prefixed(summary)})
+
+    max_samples = cfg.max_steps * cfg.batch_size if cfg.max_steps > 0 else 0
+    for epoch in range(start_epoch, cfg.epochs):
+        lr_now = lr_at(epoch, cfg.lr, cfg.warmup_epochs, cfg.anneal_epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        seed_everything(cfg.seed * 1000 + epoch * 10 + rank)  # resume-exact randomness per epoch
+        indices = epoch_indices(dataset, sampler, epoch, max_samples)
+        if cfg.debug_sample_log:
+            with open(f"{cfg.debug_sample_log}.rank{rank}.txt", "a") as f:
+                f.writelines(f"{epoch} {i}\n" for i in indices)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=indices,
+                                             num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                             persistent_workers=False)
+        train_loss, n_samples, time_s = train_one_epoch(step, net, parts, teacher, loader, optimizer,
+                                                        scaler, cfg, device, rank, epoch, use_amp)
+        summary = evaluate(net, eval_files, cfg, device, rank, world) if eval_files else {
+            "dsc": float("nan"), "nsd": float("nan"), "n": 0}
+        is_best = summary["dsc"] > best_metric or best_epoch < 0
+        if is_best:
+            best_metric, best_epoch = summary["dsc"], epoch
+        log(rank, f"epoch {epoch}: lr {lr_now:.3g} loss {train_loss:.4f} ({n_samples} samples, "
+                  f"{n_samples / max(time_s, 1e-9):.2f} samples/s) eval DSC {summary['dsc']:.4f} "
+                  f"NSD {summary['nsd']:.4f}{' (best)' if is_best else ''}")
+        if rank == 0:
+            state = checkpoint_dict(net, quant, optimizer, scaler, epoch, lr_now, cfg, summary,
+                                    best_metric, best_epoch)
+            save_atomic(state, last_path)
+            if is_best:
+                save_atomic(state, best_path)
+            if cfg.save_every_epoch:
+                save_atomic(state, stage_dir / f"epoch_{epoch:03d}.pth")
+            append_csv(csv_path, {"epoch": epoch, "stage": cfg.stage, "lr": lr_now,
+                                  "train_loss": train_loss, "train_samples": n_samples,
+                                  "train_time_s": round(time_s, 3), **prefixed(summary)})
+        if world > 1:
+            dist.barrier()  # nobody starts the next epoch (or exits) before the checkpoint exists
+    if rank == 0:
+        plot_curves(csv_path, stage_dir / "curves.png")
+        log(rank, f"done: best eval DSC {best_metric:.4f} at epoch {best_epoch} → {best_path}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+def prefixed(summary: dict) -> dict:
+    """Eval summary → CSV columns eval_dsc, eval_nsd, eval_n, eval_dsc_<M>, …"""
+    return {f"eval_{k}": v for k, v in summary.items()}
+
+
+if __name__ == "__main__":
+    main()
