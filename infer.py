@@ -642,7 +642,10 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"infer: warning: cannot write times CSV {times_path}: {e.strerror or e}")
                 times_path = None
         if args.overlay:
-            write_overlay(args.overlay / f"{path.stem}.png", case, segs)
+            try:
+                write_overlay(args.overlay / f"{path.stem}.png", case, segs)
+            except Exception as e:  # a picture must not fail a case that is already saved
+                say(f"infer: {path.name}: warning: no overlay ({type(e).__name__}: {e})")
     bar.close()
 
     summary = (f"infer: {len(cases)} cases: {n_ok} segmented, {done_before} already done"
@@ -660,7 +663,11 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as e:
             say(f"infer: error: --gts needs metrics.py ({e})")
             return 2
-        rows = metrics.evaluate_dirs(out_dir, args.gts)
+        try:
+            rows = metrics.evaluate_dirs(out_dir, args.gts)
+        except Exception as e:
+            say(f"infer: error: --gts {args.gts}: {type(e).__name__}: {e}")
+            return 2
         print(metrics.format_table(rows, metrics.summarise(rows)))
     return 1 if failed else 0
 
