@@ -597,3 +597,283 @@ def build_lite_medsam() -> LiteMedSAM:
                       input_image_size=(IMAGE_SIZE, IMAGE_SIZE), mask_in_chans=16),
         MaskDecoder(transformer_dim=EMBED_DIM, num_multimask_outputs=3, iou_head_depth=3,
                     iou_head_hidden_dim=256, depth=2, num_heads=8, mlp_dim=2048))
+
+
+# ----------------------------------------------------------------------------------------------
+# Brevitas int8 swap (QMedSAM)
+# ----------------------------------------------------------------------------------------------
+
+import brevitas.nn as qnn  # noqa: E402  (kept next to its only user for readability)
+from brevitas.graph.calibrate import calibration_mode  # noqa: E402
+from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerTensorFloat  # noqa: E402
+from brevitas.quant import Uint8ActPerTensorFloat  # noqa: E402
+
+QUANT_HOOKS = ("q_quant", "k_quant", "probs_quant", "v_quant")
+FLOAT_LAYERS_DEFAULT: tuple[str, ...] = ()
+
+
+class Int8ActQuant(Int8ActPerTensorFloat):
+    """int8 symmetric per-tensor input quantizer; its float scale is a learned parameter (STE)
+    initialised from a high percentile of calibration activations."""
+
+
+class Uint8ActQuant(Uint8ActPerTensorFloat):
+    """uint8 per-tensor quantizer for non-negative inputs (softmax probabilities)."""
+
+
+def _swap_layer(layer: nn.Module, act_quant: type) -> nn.Module:
+    """A Linear / Conv2d / ConvTranspose2d → the Brevitas layer with int8 weights and int8 input
+    activations (bias and output stay float), same weights."""
+    common = dict(weight_quant=Int8WeightPerTensorFloat, input_quant=act_quant, bias_quant=None,
+                  output_quant=None, return_quant_tensor=False, bias=layer.bias is not None)
+    if isinstance(layer, nn.Linear):
+        q = qnn.QuantLinear(layer.in_features, layer.out_features, **common)
+    elif isinstance(layer, nn.ConvTranspose2d):
+        q = qnn.QuantConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                     stride=layer.stride, padding=layer.padding, **common)
+    elif isinstance(layer, nn.Conv2d):
+        q = qnn.QuantConv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                            stride=layer.stride, padding=layer.padding, groups=layer.groups,
+                            **common)
+    else:
+        raise TypeError(f"cannot quantize {type(layer).__name__}")
+    with torch.no_grad():
+        q.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            q.bias.copy_(layer.bias)
+    return q.to(layer.weight.device)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def quantize_(model: LiteMedSAM, encoder: bool = True, decoder: bool = True,
+              float_layers: Sequence[str] = FLOAT_LAYERS_DEFAULT) -> LiteMedSAM:
+    """Swap Brevitas int8 fake-quant layers into `model`, in place; returns it.
+
+    BatchNorm is folded into its conv first. Every Linear/Conv2d (and the decoder's
+    ConvTranspose2d) of the image encoder / mask decoder gets int8 per-tensor symmetric weights and
+    an int8 per-tensor input quantizer with a learned float scale; the q, k, softmax-probability
+    and v inputs of every attention matmul get a QuantIdentity. Biases, norms, activations, softmax
+    and the prompt encoder stay float. `float_layers` are fnmatch patterns of module names (as in
+    `model.named_modules()`) that stay float: the measured accuracy/FLOP trade-off, see
+    FLOAT_LAYERS_DEFAULT. Call `calibrate` next to initialise the activation scales.
+    """
+    fold_batchnorm_(model)
+    parts = [p for p, on in (("image_encoder", encoder), ("mask_decoder", decoder)) if on]
+    for part in parts:
+        root = getattr(model, part)
+        for name, module in list(root.named_modules()):
+            full = f"{part}.{name}"
+            parent_name, _, attr = full.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            if _matches(full, float_layers):
+                continue
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)) and not isinstance(
+                    module, qnn.quant_layer.QuantWeightBiasInputOutputLayer):
+                setattr(parent, attr, _swap_layer(module, Int8ActQuant))
+            elif attr in QUANT_HOOKS and isinstance(module, nn.Identity):
+                act = Uint8ActQuant if attr == "probs_quant" else Int8ActQuant
+                setattr(parent, attr, qnn.QuantIdentity(act_quant=act, return_quant_tensor=False))
+    model.quant_config = {"encoder": bool(encoder or getattr(model, "quant_config", {}).get("encoder")),
+                          "decoder": bool(decoder or getattr(model, "quant_config", {}).get("decoder")),
+                          "float_layers": list(float_layers)}
+    return model
+
+
+def default_calibration_boxes(n: int = 6) -> torch.Tensor:
+    """A fixed spread of boxes_256 (n×4) for decoder calibration when no real boxes are given."""
+    g = torch.Generator().manual_seed(0)
+    centre = torch.rand(n, 2, generator=g) * 160 + 48
+    half = torch.rand(n, 2, generator=g) * 56 + 8
+    return torch.cat([centre - half, centre + half], dim=1).clamp(0, IMAGE_SIZE - 1)
+
+
+@torch.no_grad()
+def calibrate(model: LiteMedSAM, images: torch.Tensor | Sequence[torch.Tensor],
+              boxes_256: Sequence[torch.Tensor] | None = None) -> LiteMedSAM:
+    """Initialise every activation scale from statistics of a few images (Brevitas calibration
+    mode: float forward passes collecting percentile statistics, then frozen into the learned
+    scales). images: K×3×256×256 (or a list of 3×256×256 / 1×3×256×256); boxes_256: one N_i×4
+    per image, or None for `default_calibration_boxes()`. Returns the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    images = [im.reshape(1, 3, IMAGE_SIZE, IMAGE_SIZE) for im in images]
+    with calibration_mode(model):
+        for i, image in enumerate(images):
+            boxes = default_calibration_boxes() if boxes_256 is None else boxes_256[i]
+            model(image.to(device), torch.as_tensor(boxes, dtype=torch.float32, device=device))
+    model.train(was_training)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Building, saving, loading
+# ----------------------------------------------------------------------------------------------
+
+def _unquantized_config() -> dict:
+    return {"encoder": False, "decoder": False, "float_layers": []}
+
+
+def save_model_state(model: LiteMedSAM) -> dict:
+    """{"model": state_dict, "quant": {"encoder", "decoder", "float_layers"}}: everything
+    `build_model(path)` needs to rebuild the same structure (BN folded, Brevitas layers) and load it
+    strictly, learned activation scales included. train.py adds its own keys to this dict."""
+    for name, m in model.named_modules():
+        if hasattr(m, "collect_stats_steps") and getattr(m, "counter", 1) == 0:
+            raise ValueError(f"save_model_state: activation quantizer {name} was never calibrated "
+                             f"(run model.calibrate first)")
+    return {"model": model.state_dict(), "quant": dict(getattr(model, "quant_config",
+                                                               _unquantized_config()))}
+
+
+def load_model_state(model: LiteMedSAM, checkpoint: dict | str | pathlib.Path) -> LiteMedSAM:
+    """Load a raw published state dict or a `save_model_state` dict into a model built with the same
+    quantization config (strict)."""
+    if not isinstance(checkpoint, dict):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = checkpoint["model"] if "model" in checkpoint else checkpoint
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def build_model(checkpoint: str | pathlib.Path | dict | None = "published",
+                quant_encoder: bool = False, quant_decoder: bool = False,
+                float_layers: Sequence[str] = FLOAT_LAYERS_DEFAULT) -> LiteMedSAM:
+    """LiteMedSAM in eval mode. checkpoint: "published" (lite_medsam.pth, sha256-checked), None
+    (random init), a path to / dict of the raw published state dict, or our own checkpoint dict
+    {"model": state_dict, "quant": {...}, ...} (from save_model_state) — then the structure it was
+    saved with is rebuilt first and loaded strictly (parts saved quantized stay quantized).
+    quant_encoder / quant_decoder quantize parts not yet quantized; call `calibrate` afterwards."""
+    model = build_lite_medsam()
+    if checkpoint is not None:
+        if isinstance(checkpoint, str) and checkpoint == "published":
+            checkpoint = published_checkpoint()
+        if not isinstance(checkpoint, dict):
+            if not pathlib.Path(checkpoint).is_file():
+                raise FileNotFoundError(f"{checkpoint}: checkpoint file not found")
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        saved = checkpoint.get("quant", _unquantized_config()) if "model" in checkpoint else \
+            _unquantized_config()
+        if saved.get("encoder") or saved.get("decoder"):
+            quantize_(model, bool(saved.get("encoder")), bool(saved.get("decoder")),
+                      saved.get("float_layers", list(FLOAT_LAYERS_DEFAULT)))
+        load_model_state(model, checkpoint)
+        if tuple(saved.get("float_layers") or ()) and (quant_encoder or quant_decoder):
+            float_layers = saved["float_layers"]
+        quant_encoder, quant_decoder = (quant_encoder and not saved.get("encoder"),
+                                        quant_decoder and not saved.get("decoder"))
+    if quant_encoder or quant_decoder:
+        quantize_(model, quant_encoder, quant_decoder, float_layers)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Export wrappers: forward takes exactly the graph's inputs, returns exactly its outputs
+# ----------------------------------------------------------------------------------------------
+
+class EncoderGraph(nn.Module):
+    """image 1×3×256×256 → image_embedding 1×256×64×64."""
+
+    def __init__(self, model: LiteMedSAM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(image)
+
+
+class DecoderGraph(nn.Module):
+    """(image_embedding 1×256×64×64, boxes_256 N×4) → low_res_logits N×1×256×256; the prompt
+    encoder is inside."""
+
+    def __init__(self, model: LiteMedSAM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embedding: torch.Tensor, boxes_256: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(image_embedding, boxes_256)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary: parameter counts (paper Table 1) and where the FLOPs are
+# ----------------------------------------------------------------------------------------------
+
+def param_counts(model: LiteMedSAM) -> dict[str, int]:
+    """Parameters per part (image_encoder, prompt_encoder, mask_decoder), quantizer scales excluded
+    (they are not network weights)."""
+    def count(m: nn.Module) -> int:
+        return sum(p.numel() for n, p in m.named_parameters() if "scaling_impl" not in n)
+    return {part: count(getattr(model, part))
+            for part in ("image_encoder", "prompt_encoder", "mask_decoder")}
+
+
+@torch.no_grad()
+def module_flops(model: LiteMedSAM, n_boxes: int = 1) -> dict[str, int]:
+    """FLOPs (2 × MACs) of one image + `n_boxes` boxes per module name (inclusive of children;
+    "" = whole model), from torch's FlopCounterMode (convs, linears, matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    prefix = type(model).__name__
+    image = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with FlopCounterMode(display=False) as counter:
+        model(image, default_calibration_boxes(n_boxes))
+    out = {}
+    for name, ops in counter.get_flop_counts().items():
+        if name == "Global" or not (name == prefix or name.startswith(prefix + ".")):
+            continue
+        out[name[len(prefix) + 1:]] = int(sum(ops.values()))
+    return out
+
+
+def float_flop_share(model: LiteMedSAM, float_layers: Sequence[str], n_boxes: int = 1) -> dict:
+    """Share of encoder / decoder FLOPs that `float_layers` keep in float (attention hooks count
+    their matmul, half of the attention's own non-linear FLOPs)."""
+    flops = module_flops(model, n_boxes)
+    names = dict(model.named_modules())
+    share = {}
+    for part in ("image_encoder", "mask_decoder"):
+        total, kept = flops.get(part, 0), 0
+        for name, module in names.items():
+            if not name.startswith(part + ".") or not _matches(name, float_layers):
+                continue
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                kept += flops.get(name, 0)
+            elif name.rsplit(".", 1)[-1] in ("q_quant", "k_quant", "probs_quant", "v_quant"):
+                parent = name.rsplit(".", 1)[0]
+                linears = sum(flops.get(f"{parent}.{c}", 0) for c, _ in names[parent].named_children())
+                kept += (flops.get(parent, 0) - linears) // 4  # q·kᵀ and probs·v: two hooks each
+        share[part] = kept / max(total, 1)
+    return share
+
+
+def main() -> None:
+    import argparse
+    ap = argparse.ArgumentParser(description="LiteMedSAM summary: parameter counts per part "
+                                             "(paper Table 1) and FLOP shares.")
+    ap.add_argument("--boxes", type=int, default=1, help="boxes per image for FLOPs (default: %(default)s)")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    model = build_model("published")
+    paper = {"image_encoder": "5.7M", "prompt_encoder": "6.2K", "mask_decoder": "4.1M"}
+    print("part            params      paper Table 1")
+    for part, n in param_counts(model).items():
+        print(f"{part:15s} {n:>10,d}  {paper[part]}")
+    flops = module_flops(model, args.boxes)
+    total = flops[""]
+    print(f"\nFLOPs, 1 image + {args.boxes} box(es): {total / 1e9:.2f} G")
+    for name in ["image_encoder.patch_embed", "image_encoder.layers.0", "image_encoder.layers.1",
+                 "image_encoder.layers.2", "image_encoder.layers.3", "image_encoder.neck",
+                 "prompt_encoder", "mask_decoder"]:
+        print(f"  {name:28s} {flops.get(name, 0) / 1e9:7.3f} G  {100 * flops.get(name, 0) / total:5.1f} %")
+    if FLOAT_LAYERS_DEFAULT:
+        share = float_flop_share(model, FLOAT_LAYERS_DEFAULT, args.boxes)
+        print("\nlayers left in float by default (FLOAT_LAYERS_DEFAULT):")
+        for p in FLOAT_LAYERS_DEFAULT:
+            print(f"  {p}")
+        print("  FLOP share kept float: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in share.items()))
+
+
+if __name__ == "__main__":
+    main()
