@@ -42,7 +42,9 @@ import data
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_DIR = REPO_DIR / "models" / "default"
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qmedsam" / "ov"
-DEFAULT_BLOCK = 16  # boxes per decoder call: see bench_memory.py (memory flat in N, time ~ same as 64)
+# Boxes per decoder call. bench_memory.py, LiteMedSAM f32, 255 boxes on 2560×1920: -b 1/16/64 → peak RSS
+# 473/1264/3787 MB (~52 MB per box in a block), time flat (57/55/58 s); 16 keeps >6× headroom under 8 GB.
+DEFAULT_BLOCK = 16
 MAX_LABELS = 255  # a uint8 label map holds labels 1..255
 
 # 3D prompt mode per modality (from `3DBox_<Modality>_…` names). Issue 9 measures and edits this table;
