@@ -188,6 +188,25 @@ def test_hybrid_falls_back_where_propagation_loses_the_object(model):
     np.testing.assert_array_equal(hyb == 1, reference_propagate(vol, box, "hybrid"))
 
 
+def test_hybrid_falls_back_when_the_mask_shrinks(model):
+    """From slice 6 only a small dot stays where the object was (area ratio ≪ 0.5) and the object
+    moves: propagation follows the dot; hybrid re-prompts with the 3D box and finds the object too."""
+    vol = np.full((10, 64, 80), 30, np.uint8)
+    for z in range(10):
+        if z < 6:
+            vol[z, 20:34, 10:24] = 220
+        else:
+            vol[z, 25:29, 15:19] = 220  # the dot
+            vol[z, 20:34, 50:64] = 220  # the object, moved
+    box = np.array([5, 15, 0, 70, 40, 9])
+    case = infer.repair_case("3DBox_CT_t.npz", vol, box[None])
+    prop = infer.segment_case(model, case, prompt_3d="propagate")
+    hyb = infer.segment_case(model, case, prompt_3d="hybrid")
+    assert prop[6:, 26, 16].all() and not prop[6:, 25, 55].any()
+    assert hyb[6:, 26, 16].all() and hyb[6:, 25, 55].all()
+    np.testing.assert_array_equal(hyb == 1, reference_propagate(vol, box, "hybrid"))
+
+
 def test_per_modality_default_table(monkeypatch):
     monkeypatch.setitem(infer.PROMPT_3D_BY_MODALITY, "PET", "hybrid")
     pet = infer.repair_case("3DBox_PET_t.npz", np.zeros((3, 8, 8), np.uint8), np.array([[0, 0, 0, 4, 4, 2]]))
