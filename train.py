@@ -28,8 +28,9 @@ Learning rate: `lr_at(epoch, ...)` is a closed-form function of the epoch, appli
 epoch 0 to the LR at epoch Nw, then cosine annealing from the LR at epoch Nw to 0.1 % of it at epoch
 Nw + Na − 1 (half-period Na − 1 epochs), constant 0.1 % after that.
 
-Checkpoint (one dict, torch.save, written atomically): {"model": state_dict (incl. Brevitas
-scales), "quant": {"encoder": bool, "decoder": bool}, "optimizer": state_dict, "scaler":
+Checkpoint (one dict, torch.save, written atomically; model.build_model(path) rebuilds the model
+from it): {"model": state_dict (incl. Brevitas scales), "quant": {"encoder": bool, "decoder": bool,
+"float_layers": [...]} (model.save_model_state), "optimizer": state_dict, "scaler":
 state_dict|None, "epoch": last finished epoch (0-based), "lr": LR used in that epoch, "schedule":
 {"base_lr", "warmup_epochs", "anneal_epochs"}, "config": all settings, "stage": int,
 "metrics": that epoch's eval summary, "best_metric": best mean DSC so far, "best_epoch": int}.
@@ -90,6 +91,7 @@ pseudo_label = False           # also train on unlabeled cases with the fp32 tea
 train_prompt_encoder = False   # stage 3 only
 save_every_epoch = False       # also keep epoch_XXX.pth
 threads = 2                    # torch.set_num_threads per process
+eval_start = True              # score the start model first (CSV row epoch -1: "before QAT")
 eval_only = None               # "start": score the stage's start model; "teacher": the fp32 teacher
 debug_sample_log = None        # write "rank epoch sample_id" lines to this file prefix (tests)
 
@@ -98,7 +100,7 @@ DEFAULT_NAMES = ["stage", "data_root", "eval_root", "eval_fraction", "out", "ini
                  "momentum", "weight_decay", "distill_weight", "device", "amp", "max_steps",
                  "samples_per_modality", "workers", "seed", "bbox_shift", "calib_images",
                  "eval_max_slices", "eval_max_cases", "eval_box_block", "pseudo_label",
-                 "train_prompt_encoder", "save_every_epoch", "threads", "eval_only", "debug_sample_log"]
+                 "train_prompt_encoder", "save_every_epoch", "threads", "eval_start", "eval_only", "debug_sample_log"]
 QUANT_BY_STAGE = {1: (True, False), 2: (True, True), 3: (True, True)}  # (encoder, decoder)
 
 
@@ -195,6 +197,8 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     p.add_argument("--save-every-epoch", action=argparse.BooleanOptionalAction,
                    default=d["save_every_epoch"], help="also keep epoch_XXX.pth")
     p.add_argument("--threads", type=int, default=d["threads"], help="torch threads per process")
+    p.add_argument("--eval-start", action=argparse.BooleanOptionalAction, default=d["eval_start"],
+                   help="evaluate the start model before training (metrics.csv row epoch -1)")
     p.add_argument("--eval-only", choices=("start", "teacher"), default=d["eval_only"],
                    help="only evaluate (no training, nothing saved): the stage's start model "
                         "(quantized + calibrated as training would begin) or the fp32 teacher; "
@@ -283,7 +287,8 @@ def build_student(cfg: argparse.Namespace, source: str, calib_batch) -> tuple[nn
         keep = [p for p, was_q in (("image_encoder", have["encoder"]), ("mask_decoder", have["decoder"]))
                 if was_q]
         kept = {p: {k: v.clone() for k, v in getattr(net, p).state_dict().items()} for p in keep}
-        model_lib.quantize_(net, encoder=new_enc, decoder=new_dec)
+        float_layers = have.get("float_layers") or model_lib.FLOAT_LAYERS_DEFAULT
+        model_lib.quantize_(net, encoder=new_enc, decoder=new_dec, float_layers=float_layers)
         images, boxes_256 = calib_batch()
         model_lib.calibrate(net, images, boxes_256[:, None])  # one 1×4 box per image
         for p, state in kept.items():
@@ -548,9 +553,10 @@ def make_optimizer(params: list, cfg: argparse.Namespace) -> torch.optim.Optimiz
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def checkpoint_dict(net: nn.Module, quant: dict, optimizer, scaler, epoch: int, lr_now: float,
+def checkpoint_dict(net: nn.Module, optimizer, scaler, epoch: int, lr_now: float,
                     cfg: argparse.Namespace, summary: dict, best_metric: float, best_epoch: int) -> dict:
-    return {"model": net.state_dict(), "quant": dict(quant), "optimizer": optimizer.state_dict(),
+    """model.save_model_state's {"model", "quant"} (what build_model(path) reloads) + training state."""
+    return {**model_lib.save_model_state(net), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "epoch": epoch,
             "lr": lr_now, "schedule": {"base_lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs,
                                        "anneal_epochs": cfg.anneal_epochs},
@@ -643,12 +649,17 @@ def main(argv: list[str] | None = None) -> dict:
         if ckpt.get("scaler") and use_amp:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"]) + 1
+        schedule = {"base_lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs,
+                    "anneal_epochs": cfg.anneal_epochs}
+        if ckpt.get("schedule") != schedule:  # e.g. --epochs changed and the anneal length with it
+            warnings.warn(f"train.py: resuming {last_path} with LR schedule {schedule}, the "
+                          f"checkpoint used {ckpt.get('schedule')}; pass --anneal-epochs to keep it")
         best_metric, best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
         summary = ckpt.get("metrics", {})
         log(rank, f"resumed from {last_path} after epoch {ckpt['epoch']} (best DSC {best_metric:.4f} "
                   f"at epoch {best_epoch})")
         del ckpt
-    elif eval_files:  # the start model's score: "before QAT" for this stage
+    elif eval_files and cfg.eval_start:  # the start model's score: "before QAT" for this stage
         summary = evaluate(net, eval_files, cfg, device, rank, world)
         log(rank, f"start model: eval DSC {summary['dsc']:.4f} NSD {summary['nsd']:.4f}")
         if rank == 0:
@@ -679,7 +690,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{n_samples / max(time_s, 1e-9):.2f} samples/s) eval DSC {summary['dsc']:.4f} "
                   f"NSD {summary['nsd']:.4f}{' (best)' if is_best else ''}")
         if rank == 0:
-            state = checkpoint_dict(net, quant, optimizer, scaler, epoch, lr_now, cfg, summary,
+            state = checkpoint_dict(net, optimizer, scaler, epoch, lr_now, cfg, summary,
                                     best_metric, best_epoch)
             save_atomic(state, last_path)
             if is_best:
