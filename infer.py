@@ -539,26 +539,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Segment every challenge .npz case of INPUT_DIR into OUTPUT_DIR "
                                 "(segs label maps). Exit code 0: all done, 1: some case failed, 2: could not run.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--input", required=True, type=Path, help="folder of input .npz cases (imgs, boxes)")
-    p.add_argument("-o", "--output", required=True, type=Path, help="folder for the output .npz (segs), created if missing")
-    p.add_argument("-m", "--model", type=Path, default=DEFAULT_MODEL_DIR,
+    p.add_argument("-i", "--input", required=True, type=Path, metavar="INPUT_DIR", help="folder of input .npz cases (imgs, boxes)")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTPUT_DIR", help="folder for the output .npz (segs), created if missing")
+    p.add_argument("-m", "--model", type=Path, default=DEFAULT_MODEL_DIR, metavar="MODEL_DIR",
                    help="model dir with encoder/decoder .xml/.bin (or .onnx for --backend onnxruntime)")
-    p.add_argument("-b", "--block", type=int, default=DEFAULT_BLOCK, help="max boxes per decoder call (bounds memory)")
+    p.add_argument("-b", "--block", type=int, default=DEFAULT_BLOCK, metavar="BLOCK", help="max boxes per decoder call (bounds memory)")
     p.add_argument("--precision", choices=("f32", "bf16", "auto"), default="auto",
                    help="OpenVINO INFERENCE_PRECISION_HINT; auto = OpenVINO's default for this CPU")
     p.add_argument("--backend", choices=("openvino", "onnxruntime"), default="openvino", help="inference runtime")
-    p.add_argument("--threads", type=int, default=None, help="inference threads (default: the runtime's choice)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="inference threads; none = the runtime's choice")
     p.add_argument("--3d-prompt", dest="prompt_3d", choices=PROMPT_3D_MODES, default=None,
                    help=f"how 3D boxes prompt each slice; default per modality {PROMPT_3D_BY_MODALITY}, "
                         f"else {PROMPT_3D_FALLBACK}")
-    p.add_argument("--overlay", type=Path, default=None, help="also write a PNG overlay per case into this folder")
+    p.add_argument("--overlay", type=Path, default=None, metavar="DIR", help="also write a PNG overlay per case into this folder")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or info lines (warnings and errors still print)")
-    p.add_argument("--times", type=str, default=None,
+    p.add_argument("--times", type=str, default=None, metavar="CSV",
                    help="per-case seconds CSV (case,time); default <OUTPUT_DIR>_times.csv beside OUTPUT_DIR; '' = none")
-    p.add_argument("--cache-dir", type=str, default=str(DEFAULT_CACHE_DIR),
+    p.add_argument("--cache-dir", type=str, default=str(DEFAULT_CACHE_DIR), metavar="DIR",
                    help="OpenVINO compiled-model cache folder; '' = no cache")
-    p.add_argument("--gts", type=Path, default=None,
+    p.add_argument("--gts", type=Path, default=None, metavar="DIR",
                    help="folder of ground-truth npz (gts, spacing): print DSC/NSD per case and modality after inference")
     args = p.parse_args(argv)
     if args.block < 1:
