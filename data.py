@@ -48,15 +48,32 @@ def resized_shape(hw: tuple[int, int], size: int = IMAGE_SIZE) -> tuple[int, int
     return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
-def preprocess_image(img: np.ndarray, size: int = IMAGE_SIZE, interp: str = "area",
-                     norm_then_pad: bool = True) -> np.ndarray:
+# Preprocessing defaults, the one place training and inference both read (issue 9 measures them with
+# evaluate.py; docs/pipeline_variants.md has the evidence). Per-modality entries override the fallback.
+PREPROCESS_FALLBACK: dict[str, object] = {"interp": "area", "norm_then_pad": True}
+PREPROCESS_BY_MODALITY: dict[str, dict[str, object]] = {}
+BOX_ROUNDINGS = ("float", "round", "outward")
+
+
+def preprocess_options(modality: str | None = None) -> tuple[str, bool]:
+    """(interp, norm_then_pad) used by preprocess_image for `modality` (None or unknown: the fallback)."""
+    opts = {**PREPROCESS_FALLBACK, **PREPROCESS_BY_MODALITY.get(modality or "", {})}
+    return str(opts["interp"]), bool(opts["norm_then_pad"])
+
+
+def preprocess_image(img: np.ndarray, size: int = IMAGE_SIZE, interp: str | None = None,
+                     norm_then_pad: bool | None = None, modality: str | None = None) -> np.ndarray:
     """One 2D image (H×W grey, or H×W×C with C = 1, 3 or 4) → float32 3×size×size model input.
 
     Resize the longest side to `size` (aspect kept), pad bottom/right to size×size, min-max
-    normalise to [0, 1]. `norm_then_pad=True` (default) normalises the resized image and pads with 0,
+    normalise to [0, 1]. `norm_then_pad=True` normalises the resized image and pads with 0,
     so padding sits at the image minimum, as in the challenge baseline; False pads the raw values
-    with 0 first and normalises the padded square.
+    with 0 first and normalises the padded square. `interp` / `norm_then_pad` left as None take
+    preprocess_options(modality): the shared default table of training and inference.
     """
+    default_interp, default_ntp = preprocess_options(modality)
+    interp = default_interp if interp is None else interp
+    norm_then_pad = default_ntp if norm_then_pad is None else bool(norm_then_pad)
     img = np.asarray(img)
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
@@ -82,17 +99,29 @@ def preprocess_image(img: np.ndarray, size: int = IMAGE_SIZE, interp: str = "are
     return out
 
 
-def boxes_to_256(boxes: np.ndarray, hw: tuple[int, int], size: int = IMAGE_SIZE) -> np.ndarray:
-    """Boxes N×4 (x0, y0, x1, y1) in original pixels → float32 N×4 in the size×size model space."""
+def boxes_to_256(boxes: np.ndarray, hw: tuple[int, int], size: int = IMAGE_SIZE,
+                 rounding: str = "float") -> np.ndarray:
+    """Boxes N×4 (x0, y0, x1, y1) in original pixels → float32 N×4 in the size×size model space.
+
+    rounding: "float" keeps the scaled coordinates (the baseline); "round" rounds each to the nearest
+    integer; "outward" floors x0, y0 and ceils x1, y1 (the box never shrinks)."""
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     scale = size / max(int(hw[0]), int(hw[1]))
-    return boxes * np.float32(scale)
+    boxes_256 = boxes * np.float32(scale)
+    if rounding == "round":
+        boxes_256 = np.round(boxes_256)
+    elif rounding == "outward":
+        boxes_256 = np.concatenate([np.floor(boxes_256[:, :2]), np.ceil(boxes_256[:, 2:])], axis=1)
+    elif rounding != "float":
+        raise ValueError(f"box rounding must be one of {BOX_ROUNDINGS}, got {rounding!r}")
+    return boxes_256.astype(np.float32, copy=False)
 
 
 def postprocess_logits(low_res_logits: np.ndarray, hw: tuple[int, int], size: int = IMAGE_SIZE,
                        interp: str = "linear") -> np.ndarray:
     """Inverse of preprocess_image for one mask: size×size logits (or probabilities centred at 0)
-    → bool H×W mask. Crop the padding, resize to the original size, binarise at 0."""
+    → bool H×W mask. Crop the padding, resize to the original size with `interp` (linear, cubic, or
+    nearest = nearest-neighbour upsampling of the binarised mask), binarise at 0."""
     logits = np.asarray(low_res_logits, dtype=np.float32).reshape(low_res_logits.shape[-2:])
     nh, nw = resized_shape(hw, size)
     if logits.shape != (size, size):
@@ -646,7 +675,7 @@ class SegmentationDataset:
 
     def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike] | SliceIndex, bbox_shift: int = 10,
                  flip: bool = True, seed: int = 0, root: str | os.PathLike | None = None, cache_size: int = 4,
-                 image_size: int = IMAGE_SIZE, interp: str = "area", max_retries: int = 20,
+                 image_size: int = IMAGE_SIZE, interp: str | None = None, max_retries: int = 20,
                  cache_mb: float = 1024.0) -> None:
         """`source`: a SliceIndex, or what SliceIndex takes (root folder, .npz, list of .npz)."""
         self.index = (source if isinstance(source, SliceIndex)
@@ -695,7 +724,7 @@ class SegmentationDataset:
         labels = labels[labels > 0]
         label = int(rng.choice(labels))
         S = self.image_size
-        image = preprocess_image(img, S, self.interp)
+        image = preprocess_image(img, S, self.interp, modality=self.index.modality[f])  # the inference defaults
         mask = mask_to_256(lab == label, S)
         nh, nw = resized_shape(lab.shape[:2], S)
         if self.flip:

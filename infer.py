@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -54,6 +54,40 @@ PROMPT_3D_FALLBACK = "box"
 PROMPT_3D_MODES = ("box", "propagate", "hybrid")
 HYBRID_MIN_AREA_RATIO = 0.5  # hybrid: fall back to the 3D box when the mask shrinks below this × previous
 EMBED_CACHE_MB = 1024  # propagate/hybrid keep slice embeddings for the downward sweep up to this size
+START_SLICES = ("middle", "largest")
+MASK_INTERPS = ("linear", "cubic", "nearest")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The knobs around the model (issue 9; evaluate.py compares them). None = the default: image
+    preprocessing from data.preprocess_options(modality) (shared with training), the 3D prompt from
+    PROMPT_3D_BY_MODALITY, everything else from PIPELINE_BY_MODALITY / PIPELINE_FALLBACK.
+
+    image_interp   resize of the image to 256 (data.INTERPOLATIONS: area / linear / cubic)
+    norm_then_pad  min-max normalise before zero padding (True) or after (False)
+    mask_interp    upsampling of the 256² logits to H×W: linear / cubic / nearest (of the binarised mask)
+    box_rounding   boxes mapped to 256 space kept as float, rounded, or floor/ceil outward
+    prompt_3d      box | propagate | hybrid (see segment_3d)
+    start_slice    propagate/hybrid: start at the middle of the box's z-range, or on the slice where the
+                   3D box's x/y gives the largest predicted mask (costs the box-mode decoder pass)
+    margin_px      propagate/hybrid: grow each propagated mask bbox by this many pixels per side
+    min_area_ratio hybrid: fall back to the 3D box's x/y below this × the previous slice's mask area
+    """
+    image_interp: str | None = None
+    norm_then_pad: bool | None = None
+    mask_interp: str | None = None
+    box_rounding: str | None = None
+    prompt_3d: str | None = None
+    start_slice: str | None = None
+    margin_px: float | None = None
+    min_area_ratio: float | None = None
+
+
+# Defaults of the non-preprocessing knobs (preprocessing defaults live in data.py, for training too).
+PIPELINE_FALLBACK: dict[str, object] = {"mask_interp": "linear", "box_rounding": "float", "start_slice": "middle",
+                                        "margin_px": 0.0, "min_area_ratio": HYBRID_MIN_AREA_RATIO}
+PIPELINE_BY_MODALITY: dict[str, dict[str, object]] = {}
 
 
 class CaseError(Exception):
@@ -330,8 +364,10 @@ def _repair_boxes(boxes: np.ndarray, is_3d: bool, depth: int, height: int, width
     return np.concatenate([clipped_lo, clipped_hi], axis=1), valid
 
 
-def model_input(img2d: np.ndarray) -> np.ndarray:
-    """One 2D image (H×W or H×W×3, any numeric dtype) → float32 3×256×256 via data.preprocess_image.
+def model_input(img2d: np.ndarray, interp: str | None = None, norm_then_pad: bool | None = None,
+                modality: str | None = None) -> np.ndarray:
+    """One 2D image (H×W or H×W×3, any numeric dtype) → float32 3×256×256 via data.preprocess_image
+    (None options: its per-modality defaults, the same as training's).
     Non-uint8 images are first mapped linearly to 0..255 with NaN/inf set to the finite min/max: the
     min-max normalisation inside preprocess_image makes that exact, and keeps float32 finite."""
     if img2d.dtype != np.uint8:
@@ -345,7 +381,7 @@ def model_input(img2d: np.ndarray) -> np.ndarray:
                 a = np.nan_to_num(a, nan=fin.min(), posinf=fin.max(), neginf=fin.min())
         lo, hi = a.min(), a.max()
         img2d = ((a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)).astype(np.float32)
-    return data.preprocess_image(img2d)
+    return data.preprocess_image(img2d, interp=interp, norm_then_pad=norm_then_pad, modality=modality)
 
 
 # ---- segmentation ------------------------------------------------------------------------------------
@@ -354,25 +390,38 @@ def _write(segs2d: np.ndarray, mask: np.ndarray, label: int) -> None:
     np.maximum(segs2d, np.uint8(label), out=segs2d, where=mask)
 
 
-def _decode_masks(model, image_embedding: np.ndarray, boxes_xy: np.ndarray, hw: tuple[int, int], block: int):
+def _decode_masks(model, image_embedding: np.ndarray, boxes_xy: np.ndarray, hw: tuple[int, int], block: int,
+                  mask_interp: str = "linear", box_rounding: str = "float"):
     """Yield (k, bool H×W mask) for each row k of boxes_xy (N×4 original pixels), ≤ block per decoder call."""
-    boxes_256 = data.boxes_to_256(boxes_xy, hw)
+    boxes_256 = data.boxes_to_256(boxes_xy, hw, rounding=box_rounding)
     for start in range(0, len(boxes_xy), block):
         low_res_logits = model.decode(image_embedding, boxes_256[start:start + block])
         for j in range(low_res_logits.shape[0]):
-            yield start + j, data.postprocess_logits(low_res_logits[j, 0], hw)
+            yield start + j, data.postprocess_logits(low_res_logits[j, 0], hw, interp=mask_interp)
         del low_res_logits
 
 
-def segment_2d(model, case: Case, block: int) -> np.ndarray:
+def resolve_pipeline(case: Case, pipe: Pipeline | None = None) -> Pipeline:
+    """`pipe` with every None replaced by the default for the case's modality (file-name prefix)."""
+    pipe = pipe or Pipeline()
+    modality = case.modality
+    interp, norm_then_pad = data.preprocess_options(modality)
+    table = {**PIPELINE_FALLBACK, **PIPELINE_BY_MODALITY.get(modality, {}),
+             "image_interp": interp, "norm_then_pad": norm_then_pad,
+             "prompt_3d": PROMPT_3D_BY_MODALITY.get(modality, PROMPT_3D_FALLBACK)}
+    return Pipeline(**{k: (table[k] if v is None else v) for k, v in vars(pipe).items()})
+
+
+def segment_2d(model, case: Case, block: int, pipe: Pipeline | None = None) -> np.ndarray:
     """2D case → uint8 H×W label map: one encoder call, ⌈N/block⌉ decoder calls."""
+    pipe = resolve_pipeline(case, pipe)
     hw = case.segs_shape
     segs = np.zeros(hw, np.uint8)
     rows = np.flatnonzero(case.valid)
     if len(rows) == 0:
         return segs
-    image_embedding = model.encode(model_input(case.imgs)[None])
-    for k, mask in _decode_masks(model, image_embedding, case.boxes[rows], hw, block):
+    image_embedding = model.encode(model_input(case.imgs, pipe.image_interp, pipe.norm_then_pad)[None])
+    for k, mask in _decode_masks(model, image_embedding, case.boxes[rows], hw, block, pipe.mask_interp, pipe.box_rounding):
         _write(segs, mask, int(rows[k]) + 1)
     return segs
 
@@ -382,16 +431,30 @@ def _bbox(mask: np.ndarray) -> np.ndarray | None:
     return data.box_from_mask(mask).astype(np.float64) if mask.any() else None
 
 
+def _grow(bbox: np.ndarray | None, margin_px: float, hw: tuple[int, int]) -> np.ndarray | None:
+    """A mask bbox (x0, y0, x1, y1) grown by margin_px per side, clipped to the H×W image."""
+    if bbox is None or not margin_px:
+        return bbox
+    h, w = hw
+    return np.clip(bbox + np.array([-margin_px, -margin_px, margin_px, margin_px]), 0, [w - 1, h - 1, w - 1, h - 1])
+
+
 def segment_3d(model, case: Case, block: int, prompt: str = "box",
-               min_area_ratio: float = HYBRID_MIN_AREA_RATIO, cache_mb: float = EMBED_CACHE_MB) -> np.ndarray:
+               min_area_ratio: float = HYBRID_MIN_AREA_RATIO, cache_mb: float = EMBED_CACHE_MB,
+               pipe: Pipeline | None = None) -> np.ndarray:
     """3D case → uint8 D×H×W label map. Each slice's embedding is computed once for all its boxes.
 
     box:       every slice of a box's z-range gets the box's x/y (the paper's way).
-    propagate: the middle slice of the z-range gets the box; each next slice (up, then down) gets the
-               bounding box of the previous slice's mask; a box stops when its mask vanishes.
+    propagate: the start slice gets the box; each next slice (up, then down) gets the bounding box of
+               the previous slice's mask (grown by pipe.margin_px); a box stops when its mask vanishes.
     hybrid:    propagate, but use the 3D box's x/y on a slice whose propagated mask is empty or smaller
                than `min_area_ratio` × the previous slice's.
+    Start slice (pipe.start_slice): "middle" of the z-range (the baseline's), or "largest": the slice
+    where the box's x/y prompt gives the largest mask (one box-mode pass over the z-range first).
+    `pipe` also sets the image preprocessing, mask upsampling and box rounding; `prompt` and
+    `min_area_ratio` are given explicitly (segment_case takes them from the resolved pipe).
     """
+    pipe = resolve_pipeline(case, pipe)
     depth, height, width = case.imgs.shape
     hw = (height, width)
     segs = np.zeros((depth, height, width), np.uint8)
@@ -403,7 +466,10 @@ def segment_3d(model, case: Case, block: int, prompt: str = "box",
     labels = rows + 1
 
     def embed(z: int) -> np.ndarray:
-        return model.encode(model_input(case.imgs[z])[None])
+        return model.encode(model_input(case.imgs[z], pipe.image_interp, pipe.norm_then_pad)[None])
+
+    def decode(emb: np.ndarray, boxes_xy: np.ndarray):
+        return _decode_masks(model, emb, boxes_xy, hw, block, pipe.mask_interp, pipe.box_rounding)
 
     if prompt == "box":
         for z in range(int(z0.min()), int(z1.max()) + 1):
@@ -411,16 +477,37 @@ def segment_3d(model, case: Case, block: int, prompt: str = "box",
             if len(active) == 0:
                 continue
             emb = embed(z)
-            for k, mask in _decode_masks(model, emb, xy[active], hw, block):
+            for k, mask in decode(emb, xy[active]):
                 _write(segs[z], mask, int(labels[active[k]]))
         return segs
 
     if prompt not in ("propagate", "hybrid"):
         raise ValueError(f"unknown 3D prompt mode {prompt!r}")
-    mid = (z0 + z1) // 2  # the baseline's int((z1 - z0) / 2 + z0)
+    if pipe.start_slice not in START_SLICES:
+        raise ValueError(f"unknown start slice {pipe.start_slice!r} (expected one of {START_SLICES})")
     cache: dict[int, np.ndarray] = {}
     cache_slices = int(cache_mb * 2**20 // (256 * 64 * 64 * 4))
-    mid_state: dict[int, tuple[np.ndarray | None, int]] = {}  # box → (mask bbox, area) on its middle slice
+    mid = (z0 + z1) // 2  # the baseline's int((z1 - z0) / 2 + z0)
+    if pipe.start_slice == "largest":
+        area = np.zeros((len(rows), depth), np.int64)
+        for z in range(int(z0.min()), int(z1.max()) + 1):
+            active = np.flatnonzero((z0 <= z) & (z <= z1))
+            if len(active) == 0:
+                continue
+            emb = embed(z)
+            if len(cache) < cache_slices:
+                cache[z] = emb  # the propagation sweeps reuse it
+            for k, mask in decode(emb, xy[active]):
+                area[active[k], z] = int(mask.sum())
+        # first slice of the largest area; the middle if the box finds nothing anywhere
+        mid = np.where(area.max(axis=1) > 0, area.argmax(axis=1), mid)
+    margin = float(pipe.margin_px or 0.0)
+    mid_state: dict[int, tuple[np.ndarray | None, int]] = {}  # box → (mask bbox, area) on its start slice
+
+    def next_prompt(i: int, bbox: np.ndarray | None) -> np.ndarray | None:
+        if bbox is None:
+            return xy[i] if prompt == "hybrid" else None
+        return _grow(bbox, margin, hw)
 
     for direction in (+1, -1):
         start = mid if direction > 0 else mid - 1
@@ -434,9 +521,8 @@ def segment_3d(model, case: Case, block: int, prompt: str = "box",
             if direction > 0:
                 prompt_box[i], prev_area[i] = xy[i], 0
             else:
-                bbox, area = mid_state[i]
-                prompt_box[i] = bbox if bbox is not None or prompt == "propagate" else xy[i]
-                prev_area[i] = area
+                bbox, area_i = mid_state[i]
+                prompt_box[i], prev_area[i] = next_prompt(i, bbox), area_i
         zs = range(int(start[todo].min()), int(end[todo].max()) + 1) if direction > 0 else \
             range(int(start[todo].max()), int(end[todo].min()) - 1, -1)
         for z in zs:
@@ -447,21 +533,21 @@ def segment_3d(model, case: Case, block: int, prompt: str = "box",
             emb = cache.pop(z) if z in cache else embed(z)
             if direction > 0 and len(cache) < cache_slices and ((z0 <= z) & (z < mid)).any():
                 cache[z] = emb  # the downward sweep will need this slice again
-            masks = {active[k]: m for k, m in _decode_masks(model, emb, np.stack([prompt_box[i] for i in active]), hw, block)}
+            masks = {active[k]: m for k, m in decode(emb, np.stack([prompt_box[i] for i in active]))}
             if prompt == "hybrid":
                 retry = [i for i in active if not np.array_equal(prompt_box[i], xy[i]) and
                          (not masks[i].any() or masks[i].sum() < min_area_ratio * prev_area[i])]
                 if retry:
-                    for k, m in _decode_masks(model, emb, xy[retry], hw, block):
+                    for k, m in decode(emb, xy[retry]):
                         masks[retry[k]] = m
             for i in active:
                 mask = masks.pop(i)
                 _write(segs[z], mask, int(labels[i]))
-                area, bbox = int(mask.sum()), _bbox(mask)
+                area_i, bbox = int(mask.sum()), _bbox(mask)
                 if direction > 0 and z == mid[i]:
-                    mid_state[i] = (bbox, area)
-                prompt_box[i] = bbox if bbox is not None or prompt == "propagate" else xy[i]
-                prev_area[i] = area
+                    mid_state[i] = (bbox, area_i)
+                prompt_box[i] = next_prompt(i, bbox)
+                prev_area[i] = area_i
     return segs
 
 
@@ -470,11 +556,17 @@ def prompt_mode(case: Case, override: str | None) -> str:
     return override or PROMPT_3D_BY_MODALITY.get(case.modality, PROMPT_3D_FALLBACK)
 
 
-def segment_case(model, case: Case, block: int = DEFAULT_BLOCK, prompt_3d: str | None = None) -> np.ndarray:
-    """A repaired case → its uint8 label map (shape case.segs_shape)."""
+def segment_case(model, case: Case, block: int = DEFAULT_BLOCK, prompt_3d: str | None = None,
+                 pipe: Pipeline | None = None) -> np.ndarray:
+    """A repaired case → its uint8 label map (shape case.segs_shape). `prompt_3d`, if given, overrides
+    pipe.prompt_3d; unset knobs take the per-modality defaults (resolve_pipeline)."""
+    pipe = pipe or Pipeline()
+    if prompt_3d is not None:
+        pipe = replace(pipe, prompt_3d=prompt_3d)
+    pipe = resolve_pipeline(case, pipe)
     if case.is_3d:
-        return segment_3d(model, case, block, prompt_mode(case, prompt_3d))
-    return segment_2d(model, case, block)
+        return segment_3d(model, case, block, pipe.prompt_3d, pipe.min_area_ratio, pipe=pipe)
+    return segment_2d(model, case, block, pipe)
 
 
 # ---- files -------------------------------------------------------------------------------------------
@@ -551,6 +643,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--3d-prompt", dest="prompt_3d", choices=PROMPT_3D_MODES, default=None,
                    help=f"how 3D boxes prompt each slice; default per modality {PROMPT_3D_BY_MODALITY}, "
                         f"else {PROMPT_3D_FALLBACK}")
+    p.add_argument("--image-interp", choices=("area", "linear", "cubic"), default=None,
+                   help="image resize to 256; default per modality from data.PREPROCESS_BY_MODALITY, else "
+                        f"{data.PREPROCESS_FALLBACK['interp']}")
+    p.add_argument("--norm-order", choices=("norm-then-pad", "pad-then-norm"), default=None,
+                   help="min-max normalise before or after zero padding; default per modality (data.py), else "
+                        f"{'norm-then-pad' if data.PREPROCESS_FALLBACK['norm_then_pad'] else 'pad-then-norm'}")
+    p.add_argument("--mask-interp", choices=MASK_INTERPS, default=None,
+                   help=f"upsampling of the 256² logits; default per modality, else {PIPELINE_FALLBACK['mask_interp']}")
+    p.add_argument("--box-rounding", choices=data.BOX_ROUNDINGS, default=None,
+                   help=f"boxes in 256 space: float, round, or floor/ceil outward; default {PIPELINE_FALLBACK['box_rounding']}")
+    p.add_argument("--start-slice", choices=START_SLICES, default=None,
+                   help="propagate/hybrid start: middle of the z-range or the slice of the largest box-prompted mask; "
+                        f"default per modality, else {PIPELINE_FALLBACK['start_slice']}")
+    p.add_argument("--margin-px", type=float, default=None, metavar="PX",
+                   help=f"propagate/hybrid: grow propagated boxes by PX per side; default {PIPELINE_FALLBACK['margin_px']}")
+    p.add_argument("--hybrid-ratio", type=float, default=None, metavar="R",
+                   help="hybrid: fall back to the 3D box when the mask area drops below R × the previous slice's; "
+                        f"default {PIPELINE_FALLBACK['min_area_ratio']}")
     p.add_argument("--overlay", type=Path, default=None, metavar="DIR", help="also write a PNG overlay per case into this folder")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or info lines (warnings and errors still print)")
@@ -563,6 +673,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.block < 1:
         p.error("-b/--block must be ≥ 1")
+    args.pipe = Pipeline(image_interp=args.image_interp,
+                         norm_then_pad=None if args.norm_order is None else args.norm_order == "norm-then-pad",
+                         mask_interp=args.mask_interp, box_rounding=args.box_rounding, prompt_3d=args.prompt_3d,
+                         start_slice=args.start_slice, margin_px=args.margin_px, min_area_ratio=args.hybrid_ratio)
     return args
 
 
@@ -621,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
             case = load_case(path)
             if case.notes:
                 say(f"infer: {path.name}: warning: " + "; ".join(case.notes))
-            segs = segment_case(model, case, args.block, args.prompt_3d)
+            segs = segment_case(model, case, args.block, pipe=args.pipe)
             save_atomic(out_dir / path.name, segs=segs)
             times[path.name] = time.perf_counter() - t0
         except CaseError as e:
