@@ -191,7 +191,8 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     p.add_argument("--eval-box-block", type=int, default=d["eval_box_block"],
                    help="boxes per decoder call during evaluation")
     p.add_argument("--pseudo-label", action=argparse.BooleanOptionalAction, default=d["pseudo_label"],
-                   help="train on unlabeled cases too, with the fp32 teacher's mask as target")
+                   help="also train on unlabeled cases (no gts): random box prompts, the fp32 "
+                        "teacher's mask as target (stage 1: embedding distillation at weight 1)")
     p.add_argument("--train-prompt-encoder", action=argparse.BooleanOptionalAction,
                    default=d["train_prompt_encoder"], help="stage 3: also train the prompt encoder")
     p.add_argument("--save-every-epoch", action=argparse.BooleanOptionalAction,
@@ -478,28 +479,90 @@ def seed_everything(value: int) -> None:
     torch.manual_seed(value)
 
 
-def make_train_data(cfg: argparse.Namespace, files: list[str], rank: int, world: int):
-    """(dataset, sampler): labeled slices of `files` (one random object, jittered box, flips), the
-    balanced modality sampler sharded for this rank."""
-    dataset = data.SegmentationDataset(files, bbox_shift=cfg.bbox_shift, seed=cfg.seed,
-                                       root=cfg.data_root)
-    if len(dataset) == 0:
-        raise SystemExit(f"train.py: no labeled training cases under {cfg.data_root}")
-    sampler = data.BalancedSampler(dataset, num_replicas=world, rank=rank, seed=cfg.seed)
-    if cfg.samples_per_modality > 0:  # short runs: Ns(m) = min(N(m), k) instead of the strategy's
+class PseudoLabelSet:
+    """Unlabeled slices for --pseudo-label (the dev set's cases without gts carry no boxes either).
+    Item i → {"image" 3×256×256, "mask" zeros 256×256 (replaced in the training step by the fp32
+    teacher's mask for this box), "box_256" (4,) a random box covering 10–60 % of each side of the
+    image content, "labeled" 0}. Randomness is a function of (seed, epoch, i), like the labeled set."""
+
+    def __init__(self, files: list[str], seed: int, root: str | None = None) -> None:
+        self.index = data.SliceIndex(files, root=root, require_labels=False)
+        self.seed, self.epoch = int(seed), 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, int(index), 1])
+        img, _ = self.index.slice(*self.index.locate(int(index)))
+        nh, nw = data.resized_shape(img.shape[:2])
+        w, h = rng.uniform(0.1, 0.6) * nw, rng.uniform(0.1, 0.6) * nh
+        x0, y0 = rng.uniform(0, nw - w), rng.uniform(0, nh - h)
+        return {"image": data.preprocess_image(img), "box_256": np.float32([x0, y0, x0 + w, y0 + h]),
+                "mask": np.zeros((data.IMAGE_SIZE, data.IMAGE_SIZE), np.uint8), "labeled": 0}
+
+
+class TrainSet:
+    """What the DataLoader reads: the labeled SegmentationDataset (indices [0, n_labeled)) and, with
+    --pseudo-label, a PseudoLabelSet after it; each part has its own balanced, rank-sharded sampler."""
+
+    KEYS = ("image", "mask", "box_256")
+
+    def __init__(self, labeled, labeled_sampler, unlabeled=None, unlabeled_sampler=None) -> None:
+        self.labeled, self.labeled_sampler = labeled, labeled_sampler
+        self.unlabeled, self.unlabeled_sampler = unlabeled, unlabeled_sampler
+
+    def __len__(self) -> int:
+        return len(self.labeled) + (len(self.unlabeled) if self.unlabeled is not None else 0)
+
+    def __getitem__(self, index: int) -> dict:
+        if index < len(self.labeled):
+            item = self.labeled[index]
+            return {**{k: item[k] for k in self.KEYS}, "labeled": 1}
+        return self.unlabeled[index - len(self.labeled)]
+
+    def epoch_indices(self, epoch: int, max_samples: int, seed: int) -> list[int]:
+        """This rank's sample indices for `epoch` (its shard of the balanced epoch; unlabeled ones
+        offset and mixed in), cut to `max_samples` if > 0 — equal counts on every rank."""
+        self.labeled.set_epoch(epoch)
+        self.labeled_sampler.set_epoch(epoch)
+        idx = [int(i) for i in self.labeled_sampler]
+        if self.unlabeled is not None:
+            self.unlabeled.set_epoch(epoch)
+            self.unlabeled_sampler.set_epoch(epoch)
+            idx += [len(self.labeled) + int(i) for i in self.unlabeled_sampler]
+            idx = [idx[j] for j in np.random.default_rng([seed, epoch, 2]).permutation(len(idx))]
+        return idx[:max_samples] if max_samples > 0 else idx
+
+
+def balanced_sampler(source, cfg: argparse.Namespace, rank: int, world: int):
+    """data.BalancedSampler sharded for this rank; --samples-per-modality k sets Ns(m) = min(N(m), k)."""
+    sampler = data.BalancedSampler(source, num_replicas=world, rank=rank, seed=cfg.seed)
+    if cfg.samples_per_modality > 0:  # short runs: override the strategy's Ns(m)
         sampler.ns = {m: min(n, cfg.samples_per_modality) for m, n in sampler.counts.items() if n}
         sampler.epoch_size = sum(sampler.ns.values())
         sampler.num_samples = -(-sampler.epoch_size // world)
-    return dataset, sampler
+    return sampler
 
 
-def epoch_indices(dataset, sampler, epoch: int, max_samples: int) -> list[int]:
-    """This rank's sample indices for `epoch` (its shard of the balanced epoch), cut to
-    `max_samples` if > 0 (the same count on every rank, so DDP steps stay in lockstep)."""
-    dataset.set_epoch(epoch)
-    sampler.set_epoch(epoch)
-    idx = [int(i) for i in sampler]
-    return idx[:max_samples] if max_samples > 0 else idx
+def make_train_data(cfg: argparse.Namespace, files: list[str], rank: int, world: int) -> TrainSet:
+    """Labeled slices of `files` (one random object, jittered box, flips) and, with --pseudo-label,
+    the unlabeled ones, each with a balanced sampler sharded for this rank."""
+    labeled = data.SegmentationDataset(files, bbox_shift=cfg.bbox_shift, seed=cfg.seed,
+                                       root=cfg.data_root)
+    if len(labeled) == 0:
+        raise SystemExit(f"train.py: no labeled training cases under {cfg.data_root}")
+    unlabeled = unlabeled_sampler = None
+    if cfg.pseudo_label:
+        files_u = [f for f in files if data.find_labels(f) is None]
+        if files_u:
+            unlabeled = PseudoLabelSet(files_u, cfg.seed, root=cfg.data_root)
+            unlabeled_sampler = balanced_sampler(unlabeled.index, cfg, rank, world)
+    return TrainSet(labeled, balanced_sampler(labeled, cfg, rank, world), unlabeled,
+                    unlabeled_sampler)
 
 
 def train_one_epoch(step: nn.Module, net: nn.Module, parts: dict, teacher: nn.Module | None,
@@ -520,7 +583,7 @@ def train_one_epoch(step: nn.Module, net: nn.Module, parts: dict, teacher: nn.Mo
                 with torch.no_grad():
                     t_embedding = teacher.encode(image)
                     t_logits = teacher.decode(t_embedding, boxes_256)
-                if cfg.pseudo_label and "labeled" in batch:  # unlabeled: the teacher's mask is the target
+                if cfg.pseudo_label:  # unlabeled samples: the fp32 teacher's mask is the target
                     unlabeled = (batch["labeled"].to(device) == 0).view(-1, 1, 1, 1)
                     target = torch.where(unlabeled, (t_logits > 0).float(), target)
             embedding, logits = step(image, boxes_256)
@@ -595,14 +658,16 @@ def main(argv: list[str] | None = None) -> dict:
         stage_dir.mkdir(parents=True, exist_ok=True)
 
     train_files, eval_files = split_files(cfg)
-    dataset, sampler = make_train_data(cfg, train_files, rank, world)
-    log(rank, f"stage {cfg.stage}: {len(train_files)} training files ({len(dataset)} slices), "
+    dataset = make_train_data(cfg, train_files, rank, world)
+    n_unlabeled = len(dataset.unlabeled) if dataset.unlabeled is not None else 0
+    log(rank, f"stage {cfg.stage}: {len(train_files)} training files ({len(dataset.labeled)} labeled"
+              f" + {n_unlabeled} pseudo-labeled slices), "
               f"{len(eval_files)} labeled eval files, world size {world}, device {device}")
 
     def calib_batch():  # a few fixed training samples, the same on every rank
-        idx = np.random.default_rng(cfg.seed).choice(len(dataset), min(cfg.calib_images, len(dataset)),
-                                                      replace=False)
-        items = [dataset[int(i)] for i in idx]
+        n = len(dataset.labeled)
+        idx = np.random.default_rng(cfg.seed).choice(n, min(cfg.calib_images, n), replace=False)
+        items = [dataset.labeled[int(i)] for i in idx]
         return (torch.from_numpy(np.stack([it["image"] for it in items])),
                 torch.from_numpy(np.stack([it["box_256"] for it in items])))
 
@@ -672,7 +737,7 @@ def main(argv: list[str] | None = None) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         seed_everything(cfg.seed * 1000 + epoch * 10 + rank)  # resume-exact randomness per epoch
-        indices = epoch_indices(dataset, sampler, epoch, max_samples)
+        indices = dataset.epoch_indices(epoch, max_samples, cfg.seed)
         if cfg.debug_sample_log:
             with open(f"{cfg.debug_sample_log}.rank{rank}.txt", "a") as f:
                 f.writelines(f"{epoch} {i}\n" for i in indices)
