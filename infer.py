@@ -420,7 +420,7 @@ def segment_2d(model, case: Case, block: int, pipe: Pipeline | None = None) -> n
     rows = np.flatnonzero(case.valid)
     if len(rows) == 0:
         return segs
-    image_embedding = model.encode(model_input(case.imgs, pipe.image_interp, pipe.norm_then_pad)[None])
+    image_embedding = model.encode(model_input(case.imgs, pipe.image_interp, pipe.norm_then_pad, case.modality)[None])
     for k, mask in _decode_masks(model, image_embedding, case.boxes[rows], hw, block, pipe.mask_interp, pipe.box_rounding):
         _write(segs, mask, int(rows[k]) + 1)
     return segs
@@ -466,7 +466,7 @@ def segment_3d(model, case: Case, block: int, prompt: str = "box",
     labels = rows + 1
 
     def embed(z: int) -> np.ndarray:
-        return model.encode(model_input(case.imgs[z], pipe.image_interp, pipe.norm_then_pad)[None])
+        return model.encode(model_input(case.imgs[z], pipe.image_interp, pipe.norm_then_pad, case.modality)[None])
 
     def decode(emb: np.ndarray, boxes_xy: np.ndarray):
         return _decode_masks(model, emb, boxes_xy, hw, block, pipe.mask_interp, pipe.box_rounding)

@@ -1,0 +1,310 @@
+"""Pipeline variants: run labelled cases under named variants of the pipeline around the model and
+print DSC/NSD per modality and overall for each (issue 9).
+
+    python evaluate.py -i CASES_DIR --gts GTS_DIR -m MODEL_DIR --variants default,pad-then-norm,img-linear \
+        [--precision f32] [--max-slices N] [--out CSV]
+
+A variant is one name or several joined by "+" (`3d-hybrid+start-largest+margin2`); each name sets
+fields of infer.Pipeline (VARIANTS below, or `field=value`, e.g. `margin_px=3`). Fields left unset
+take the shipped per-modality defaults, so `default` is what infer.py does today.
+There is one pipeline: every variant runs infer.segment_case with a different infer.Pipeline.
+
+Costs: the encoder is the bottleneck (LiteMedSAM fp32 ≈ 0.5–2 s per slice on 2 busy cores), so
+  * slice embeddings are cached per case and keyed by the exact encoder input: variants that differ only
+    after the encoder (mask upsampling, box rounding, 3D prompting) cost decoder calls only;
+  * a variant whose resolved pipeline equals one already run on this case (e.g. a 3D-only knob on a 2D
+    case) reuses its label map and scores;
+  * --max-slices crops 3D volumes to N slices around the centre of their boxes' z-range (boxes and
+    gts cropped with them; objects wholly outside the window are dropped from both).
+Imports infer.py (numpy, opencv, openvino) and metrics.py (scipy); no torch.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import infer
+import metrics
+
+# name → infer.Pipeline fields it sets (a variant combines names with "+")
+VARIANTS: dict[str, dict[str, object]] = {
+    "default": {},
+    "norm-then-pad": {"norm_then_pad": True},
+    "pad-then-norm": {"norm_then_pad": False},
+    "img-area": {"image_interp": "area"},
+    "img-linear": {"image_interp": "linear"},
+    "img-cubic": {"image_interp": "cubic"},
+    "mask-linear": {"mask_interp": "linear"},
+    "mask-cubic": {"mask_interp": "cubic"},
+    "mask-nearest": {"mask_interp": "nearest"},
+    "box-float": {"box_rounding": "float"},
+    "box-round": {"box_rounding": "round"},
+    "box-outward": {"box_rounding": "outward"},
+    "3d-box": {"prompt_3d": "box"},
+    "3d-propagate": {"prompt_3d": "propagate"},
+    "3d-hybrid": {"prompt_3d": "hybrid"},
+    "start-middle": {"start_slice": "middle"},
+    "start-largest": {"start_slice": "largest"},
+    "margin0": {"margin_px": 0.0},
+    "margin2": {"margin_px": 2.0},
+    "margin5": {"margin_px": 5.0},
+    "ratio0.25": {"min_area_ratio": 0.25},
+    "ratio0.5": {"min_area_ratio": 0.5},
+    "ratio0.75": {"min_area_ratio": 0.75},
+}
+THREE_D_FIELDS = ("prompt_3d", "start_slice", "margin_px", "min_area_ratio")
+_FIELD_TYPES = {"norm_then_pad": lambda v: v.lower() in ("1", "true", "yes"), "margin_px": float, "min_area_ratio": float}
+
+
+def parse_variant(spec: str) -> infer.Pipeline:
+    """'name+name+field=value' → infer.Pipeline with those fields set (the rest None = defaults)."""
+    fields: dict[str, object] = {}
+    names = {f.name for f in dataclasses.fields(infer.Pipeline)}
+    for part in spec.split("+"):
+        part = part.strip()
+        if part in VARIANTS:
+            fields.update(VARIANTS[part])
+        elif "=" in part and part.split("=", 1)[0] in names:
+            key, value = part.split("=", 1)
+            fields[key] = _FIELD_TYPES.get(key, str)(value)
+        else:
+            raise ValueError(f"unknown variant part {part!r} in {spec!r}: use one of {', '.join(VARIANTS)} "
+                             f"or field=value with a field of infer.Pipeline ({', '.join(sorted(names))})")
+    return infer.Pipeline(**fields)
+
+
+def effective_key(case: infer.Case, pipe: infer.Pipeline) -> tuple:
+    """The resolved pipeline reduced to the knobs that can change this case's label map."""
+    resolved = infer.resolve_pipeline(case, pipe)
+    values = dataclasses.asdict(resolved)
+    if not case.is_3d:
+        values.update({k: None for k in THREE_D_FIELDS})
+    elif resolved.prompt_3d == "box":
+        values.update(start_slice=None, margin_px=None, min_area_ratio=None)
+    elif resolved.prompt_3d == "propagate":
+        values.update(min_area_ratio=None)
+    return tuple(sorted(values.items()))
+
+
+class CachingModel:
+    """Wraps an infer model: encode() results are cached by the exact bytes of the encoder input
+    (one case at a time: call clear() between cases); decode() passes through. Counts real calls."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.precision = getattr(model, "precision", "?")
+        self._cache: dict[bytes, np.ndarray] = {}
+        self.encoder_calls = 0
+        self.decoder_calls = 0
+        self.encoder_hits = 0
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """image B×3×256×256 float32 → image_embedding B×256×64×64 (cached)."""
+        key = hashlib.blake2b(np.ascontiguousarray(image, np.float32).tobytes(), digest_size=16).digest()
+        if key in self._cache:
+            self.encoder_hits += 1
+            return self._cache[key]
+        self.encoder_calls += 1
+        emb = self.model.encode(image)
+        self._cache[key] = emb
+        return emb
+
+    def decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
+        self.decoder_calls += 1
+        return self.model.decode(image_embedding, boxes_256)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def crop_slices(imgs: np.ndarray, boxes: np.ndarray, gts: np.ndarray, max_slices: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """3D imgs/gts D×H×W and boxes N×6 → the same cropped to ≤ max_slices slices centred on the boxes'
+    z-range. Boxes are clipped in z; a box wholly outside the window keeps its row (labels stay i+1) but
+    is moved outside the image, so repair_case marks it invalid, and its label is removed from gts."""
+    depth = imgs.shape[0]
+    if max_slices <= 0 or depth <= max_slices:
+        return imgs, boxes, gts
+    z_lo, z_hi = int(boxes[:, 2].min()), int(boxes[:, 5].max())
+    start = max(0, min((z_lo + z_hi + 1) // 2 - max_slices // 2, depth - max_slices))
+    stop = start + max_slices
+    imgs, gts = imgs[start:stop], gts[start:stop].copy()
+    boxes = np.asarray(boxes, np.float64).copy()
+    outside = (boxes[:, 5] < start) | (boxes[:, 2] >= stop)
+    boxes[:, [2, 5]] = np.clip(boxes[:, [2, 5]] - start, 0, max_slices - 1)
+    for i in np.flatnonzero(outside):
+        gts[gts == i + 1] = 0
+        boxes[i] = [-10, -10, -10, -5, -5, -5]  # wholly outside: repair_case marks it invalid, no mask
+    return imgs, boxes, gts
+
+
+# synthetic 3D phantoms (issue 9): (modality tag, shape D×H×W, objects per volume); many objects → small ones
+PHANTOMS = (("PhantomSmall", (20, 128, 128), 16), ("PhantomLarge", (24, 128, 128), 1))
+
+
+def write_phantoms(out_dir: Path, n_per_kind: int = 3, seed: int = 0) -> list[Path]:
+    """n_per_kind volumes of each PHANTOMS kind (data.make_synthetic_case) in challenge layout
+    (<out>/imgs, <out>/gts), named 3DBox_<tag>_synth_XXXX.npz. Returns the imgs paths."""
+    written = []
+    for k, (tag, shape, n_objects) in enumerate(PHANTOMS):
+        for i in range(n_per_kind):
+            case = infer.data.make_synthetic_case("3D", shape, n_objects, "CT", seed=seed * 100 + k * 10 + i)
+            written.append(infer.data.write_challenge_case(out_dir, infer.data.case_name("3D", tag, k * 10 + i), case))
+    return written
+
+
+def evaluate(model, case_paths: list[Path], gts_dir: Path, variants: list[str], block: int = infer.DEFAULT_BLOCK,
+             max_slices: int = 0, progress: bool = True) -> list[dict]:
+    """Every case under every variant → rows {variant, case, modality, dsc, nsd, seconds}.
+
+    `seconds` is the wall time of the variant's segment_case call on the cached model (encoder calls
+    shared with earlier variants are not counted again): a rough cost, not a latency."""
+    pipes = {v: parse_variant(v) for v in variants}
+    cached = model if isinstance(model, CachingModel) else CachingModel(model)
+    rows: list[dict] = []
+    for n, path in enumerate(case_paths):
+        case = infer.load_case(path)
+        gts_path = gts_dir / path.name
+        with np.load(gts_path, allow_pickle=False) as g:
+            gts = g["gts"]
+            spacing = tuple(float(s) for s in g["spacing"]) if "spacing" in g.files else None
+        if case.is_3d and max_slices:
+            with np.load(path, allow_pickle=False) as f:
+                imgs, boxes = f["imgs"], f["boxes"]
+            imgs, boxes, gts = crop_slices(imgs, boxes, gts, max_slices)
+            case = infer.repair_case(path.name, imgs, boxes)
+        done: dict[tuple, tuple[float, float, float]] = {}
+        for v, pipe in pipes.items():
+            key = effective_key(case, pipe)
+            if key not in done:
+                t0 = time.perf_counter()
+                segs = infer.segment_case(cached, case, block, pipe=pipe)
+                seconds = time.perf_counter() - t0
+                dsc, nsd = metrics.case_metrics(gts, segs, spacing, case.is_3d)
+                done[key] = (dsc, nsd, seconds)
+            dsc, nsd, seconds = done[key]
+            rows.append(dict(variant=v, case=path.name, modality=case.modality, dsc=dsc, nsd=nsd, seconds=seconds))
+        cached.clear()
+        if progress:
+            best = " ".join(f"{v}={r['dsc']:.3f}" for v, r in ((r["variant"], r) for r in rows[-len(pipes):]))
+            print(f"evaluate: [{n + 1}/{len(case_paths)}] {path.name} (encoder {cached.encoder_calls}, "
+                  f"decoder {cached.decoder_calls}) DSC {best}", file=sys.stderr, flush=True)
+    return rows
+
+
+def summaries(rows: list[dict], variants: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """{variant: metrics.summarise(rows of that variant)}."""
+    return {v: metrics.summarise([r for r in rows if r["variant"] == v]) for v in variants}
+
+
+def format_variant_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown table: one row per variant and modality group (n, DSC, NSD), modalities as row blocks."""
+    variants = list(summary)
+    groups = list(dict.fromkeys(m for s in summary.values() for m in s))
+    groups = [m for m in groups if m != "overall"] + ["overall"]
+    lines = ["| modality | n | variant | DSC | NSD |", "|---|---:|---|---:|---:|"]
+    for m in groups:
+        scores = {v: summary[v][m] for v in variants if m in summary[v]}
+        best = max((s["dsc"] for s in scores.values() if not math.isnan(s["dsc"])), default=float("nan"))
+        for v, s in scores.items():
+            mark = " **←**" if s["dsc"] == best and len(scores) > 1 else ""
+            lines.append(f"| {m} | {s['n']} | {v}{mark} | {s['dsc']:.4f} | {s['nsd']:.4f} |")
+    return "\n".join(lines)
+
+
+def format_wide_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown table: modalities as rows, one DSC / NSD column pair per variant."""
+    variants = list(summary)
+    groups = list(dict.fromkeys(m for s in summary.values() for m in s))
+    groups = [m for m in groups if m != "overall"] + ["overall"]
+    head = "| modality | n | " + " | ".join(f"{v} DSC | {v} NSD" for v in variants) + " |"
+    lines = [head, "|---|---:|" + "---:|---:|" * len(variants)]
+    for m in groups:
+        n = next(summary[v][m]["n"] for v in variants if m in summary[v])
+        cells = []
+        for v in variants:
+            s = summary[v].get(m)
+            cells += [f"{s['dsc']:.4f}", f"{s['nsd']:.4f}"] if s else ["–", "–"]
+        lines.append(f"| {m} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["variant", "case", "modality", "dsc", "nsd", "seconds"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="DSC/NSD per modality of labelled challenge cases under named pipeline "
+                                "variants (one pipeline: infer.segment_case with different infer.Pipeline knobs).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-i", "--input", required=True, type=Path, metavar="CASES_DIR", help="folder of input .npz cases (imgs, boxes)")
+    p.add_argument("--gts", required=True, type=Path, metavar="GTS_DIR", help="folder of ground-truth .npz (gts, spacing) with the same names")
+    p.add_argument("-m", "--model", type=Path, default=infer.DEFAULT_MODEL_DIR, metavar="MODEL_DIR", help="model dir (encoder/decoder IR or ONNX)")
+    p.add_argument("--variants", default="default", metavar="V1,V2,…",
+                   help=f"comma-separated variants; a variant joins names with '+'; names: {', '.join(VARIANTS)}; "
+                        "or field=value of infer.Pipeline")
+    p.add_argument("--precision", choices=("f32", "bf16", "auto"), default="f32", help="OpenVINO INFERENCE_PRECISION_HINT")
+    p.add_argument("--backend", choices=("openvino", "onnxruntime"), default="openvino", help="inference runtime")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="inference threads; none = the runtime's choice")
+    p.add_argument("-b", "--block", type=int, default=infer.DEFAULT_BLOCK, metavar="BLOCK", help="max boxes per decoder call")
+    p.add_argument("--max-slices", type=int, default=0, metavar="N", help="crop 3D volumes to N slices around their boxes; 0 = whole volume")
+    p.add_argument("--only", default="", metavar="SUBSTR,…", help="only cases whose file name contains one of these substrings (e.g. 2DBox_,3DBox_CT)")
+    p.add_argument("--out", type=Path, default=None, metavar="CSV", help="per-case rows (variant, case, modality, dsc, nsd, seconds)")
+    p.add_argument("--wide", action="store_true", help="print one column pair per variant instead of one row per variant")
+    p.add_argument("--make-phantoms", type=Path, default=None, metavar="DIR",
+                   help="write the synthetic 3D phantoms (small and large objects) to DIR/imgs, DIR/gts, then evaluate "
+                        "them if -i is DIR/imgs")
+    p.add_argument("--cache-dir", type=str, default=str(infer.DEFAULT_CACHE_DIR), metavar="DIR", help="OpenVINO compiled-model cache; '' = none")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.make_phantoms:
+        paths = write_phantoms(args.make_phantoms)
+        print(f"evaluate: wrote {len(paths)} phantoms to {args.make_phantoms}", file=sys.stderr)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    try:
+        for v in variants:
+            parse_variant(v)
+    except ValueError as e:
+        print(f"evaluate: error: --variants: {e}", file=sys.stderr)
+        return 2
+    for flag, d in (("-i", args.input), ("--gts", args.gts)):
+        if not d.is_dir():
+            print(f"evaluate: error: {flag} {d}: not a directory", file=sys.stderr)
+            return 2
+    only = [s for s in args.only.split(",") if s]
+    paths = sorted(p for p in args.input.glob("*.npz") if (args.gts / p.name).is_file()
+                   and (not only or any(s in p.name for s in only)))
+    if not paths:
+        print(f"evaluate: error: no *.npz in {args.input} with a namesake in {args.gts}", file=sys.stderr)
+        return 2
+    try:
+        model = infer.load_model(args.model, args.backend, args.precision, args.threads, args.cache_dir or None)
+    except FileNotFoundError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(f"evaluate: {len(paths)} cases × {len(variants)} variants, model {args.model} ({model.precision})",
+          file=sys.stderr)
+    rows = evaluate(model, paths, args.gts, variants, args.block, args.max_slices)
+    summary = summaries(rows, variants)
+    print(format_wide_table(summary) if args.wide else format_variant_table(summary))
+    if args.out:
+        write_rows(rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""evaluate.py and the pipeline knobs of infer.py / data.py (issue 9), on the exact oracle model
+(tests/oracle_model.py: "segments the bright part of each box"), so every expectation is computed,
+not stored.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import infer  # noqa: E402
+import oracle_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def oracle_dir(tmp_path_factory) -> Path:
+    return oracle_model.build(tmp_path_factory.mktemp("oracle"), with_onnx=False)
+
+
+@pytest.fixture(scope="module")
+def model(oracle_dir):
+    return infer.OpenVINOModel(oracle_dir, precision="f32", cache_dir=None)
+
+
+class Recorder:
+    """Wraps a model and keeps every encoder input (B×3×256×256) and decoder box batch (N×4)."""
+
+    def __init__(self, model):
+        self.model, self.images, self.boxes = model, [], []
+
+    def encode(self, image):
+        self.images.append(image.copy())
+        return self.model.encode(image)
+
+    def decode(self, emb, boxes_256):
+        self.boxes.append(np.array(boxes_256))
+        return self.model.decode(emb, boxes_256)
+
+
+def seg3d(model, vol, box6, name="3DBox_CT_t.npz", **knobs):
+    case = infer.repair_case(name, vol, np.asarray(box6)[None])
+    return infer.segment_case(model, case, pipe=infer.Pipeline(**knobs))
+
+
+# ---- one preprocessing function for training and inference ---------------------------------------------
+@pytest.mark.parametrize("table", [{}, {"Endoscopy": {"interp": "cubic", "norm_then_pad": False}}])
+def test_training_and_inference_share_preprocess_image(tmp_path, model, monkeypatch, table):
+    """Both paths call data.preprocess_image, and give bit-identical model inputs for the same image,
+    with the shipped table and with a per-modality entry changed in data.py only."""
+    monkeypatch.setattr(data, "PREPROCESS_BY_MODALITY", table)
+    case = data.make_synthetic_case("2D", (90, 140), 2, "Endoscopy", seed=3)
+    path = data.write_case(tmp_path / "2DBox_Endoscopy_t_0000.npz", case)
+    calls = []
+    real = data.preprocess_image
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("modality"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "preprocess_image", spy)
+    train_image = data.SegmentationDataset(path, flip=False, bbox_shift=0)[0]["image"]
+    assert calls == ["Endoscopy"]
+    rec = Recorder(model)
+    infer.segment_case(rec, infer.load_case(path))
+    assert calls == ["Endoscopy", "Endoscopy"]
+    np.testing.assert_array_equal(rec.images[0][0], train_image)
+    area = real(case["imgs"], interp="area", norm_then_pad=True)
+    assert np.array_equal(train_image, area) == (not table)  # the table entry reached both sides
+
+
+# ---- the 3D prompt modes ---------------------------------------------------------------------------------
+def test_hybrid_falls_back_when_the_object_vanishes_for_a_slice(model):
+    """The object is missing on slice 3 only: propagation from the middle slice (5) loses it going down
+    and stops; hybrid re-prompts slice 3 with the 3D box's x/y (empty too) and, from then on with the
+    3D box, finds the object again on slices 2..0."""
+    vol = np.full((10, 64, 64), 30, np.uint8)  # 64 px → ×4 in model space: the oracle is pixel-exact
+    for z in range(10):
+        if z != 3:
+            vol[z, 20:34, 30:44] = 220
+    box = np.array([10, 12, 0, 60, 44, 9])
+    prop = seg3d(model, vol, box, prompt_3d="propagate")
+    hyb = seg3d(model, vol, box, prompt_3d="hybrid")
+    assert prop[4:].any(axis=(1, 2)).all() and not prop[:4].any()
+    assert hyb[[0, 1, 2, 4, 5, 6, 7, 8, 9]].any(axis=(1, 2)).all() and not hyb[3].any()
+    # slice 2 is prompted with the 3D box's x/y (the fallback); slices 1, 0 propagate from it again
+    np.testing.assert_array_equal(hyb[2] > 0, vol[2] > 100)
+    np.testing.assert_array_equal(hyb[2] > 0, oracle_model.reference_mask(vol[2], box[[0, 1, 3, 4]]))
+
+
+def test_start_largest_finds_an_object_absent_from_the_middle_slice(model):
+    """The 3D box spans slices 0..9 but the object is only on 0..3: from the middle slice propagation
+    finds nothing; starting on the slice of the largest box-prompted mask segments all of it."""
+    vol = np.full((10, 64, 64), 30, np.uint8)
+    for z in range(4):
+        r = 4 + 2 * z  # largest on slice 3
+        vol[z, 32 - r:32 + r, 32 - r:32 + r] = 220
+    box = np.array([16, 16, 0, 48, 48, 9])
+    middle = seg3d(model, vol, box, prompt_3d="propagate", start_slice="middle")
+    largest = seg3d(model, vol, box, prompt_3d="propagate", start_slice="largest")
+    assert not middle.any()
+    np.testing.assert_array_equal(largest > 0, vol > 100)
+
+
+def test_margin_lets_propagation_follow_a_growing_object(model):
+    """A cone widening by 2 px per slice: the mask bbox of slice z cannot contain slice z+1's object, so
+    with margin 0 the propagated masks stay clipped; a 5 px margin follows the growth exactly."""
+    vol = np.full((9, 64, 64), 30, np.uint8)
+    for z in range(9):
+        r = 4 + 2 * z
+        vol[z, 32 - r // 2:32 + r // 2 + 1, 32 - r // 2:32 + r // 2 + 1] = 220
+    box = np.array([0, 0, 0, 63, 63, 8])
+    m0 = seg3d(model, vol, box, prompt_3d="propagate", margin_px=0)
+    m5 = seg3d(model, vol, box, prompt_3d="propagate", margin_px=5)
+    truth = vol > 100
+    assert (m0 > 0).sum() < truth.sum()
+    np.testing.assert_array_equal(m5 > 0, truth)
+
+
+# ---- 2D knobs: box rounding, mask upsampling, normalisation order ---------------------------------------
+def test_variant_knobs_reach_the_model(model):
+    """Box rounding changes the decoder's boxes as specified; the normalisation order changes the encoder
+    input of a non-square image only in the padding; mask upsampling changes the label map's edge."""
+    img = np.full((100, 300), 40, np.uint8)
+    img[30:70, 50:250] = 200
+    case = infer.repair_case("2DBox_Weird_t.npz", np.repeat(img[..., None], 3, 2), np.array([[45.3, 25.2, 255.7, 74.6]]))
+    out = {}
+    for rounding in data.BOX_ROUNDINGS:
+        rec = Recorder(model)
+        out[rounding] = infer.segment_case(rec, case, pipe=infer.Pipeline(box_rounding=rounding))
+        out[rounding + "_boxes"] = rec.boxes[0][0]
+    f = out["float_boxes"]
+    np.testing.assert_array_equal(out["round_boxes"], np.round(f))
+    np.testing.assert_array_equal(out["outward_boxes"], [np.floor(f[0]), np.floor(f[1]), np.ceil(f[2]), np.ceil(f[3])])
+    assert (out["outward"] >= out["float"]).all()  # an outward box never loses pixels
+
+    inputs = {}
+    for ntp in (True, False):
+        rec = Recorder(model)
+        infer.segment_case(rec, case, pipe=infer.Pipeline(norm_then_pad=ntp))
+        inputs[ntp] = rec.images[0][0]
+    for ntp in (True, False):  # the encoder sees exactly the shared preprocessing with that order
+        np.testing.assert_array_equal(inputs[ntp], data.preprocess_image(case.imgs, norm_then_pad=ntp))
+    assert not np.array_equal(inputs[True], inputs[False])
+
+    masks = {m: infer.segment_case(model, case, pipe=infer.Pipeline(mask_interp=m)) for m in infer.MASK_INTERPS}
+    assert not np.array_equal(masks["nearest"], masks["linear"])
+
+
+def test_norm_order_differs_where_the_image_minimum_is_not_zero():
+    """pad-then-norm includes the zero padding in the min-max: with an image minimum of 40 the content
+    is rescaled; norm-then-pad maps the image minimum to 0."""
+    img = np.full((64, 128), 40, np.uint8)
+    img[16:48, 32:96] = 200
+    a = data.preprocess_image(img, norm_then_pad=True)
+    b = data.preprocess_image(img, norm_then_pad=False)
+    nh, nw = data.resized_shape(img.shape)
+    assert a[:, :nh].min() == 0 and b[:, :nh].min() == pytest.approx(40 / 200, abs=1e-6)
+    assert (b[:, nh:] == 0).all() and (a[:, nh:] == 0).all()
+
+
+# ---- evaluate.py -----------------------------------------------------------------------------------------
+def test_parse_variant():
+    p = evaluate.parse_variant("3d-hybrid+start-largest+margin2+min_area_ratio=0.3")
+    assert (p.prompt_3d, p.start_slice, p.margin_px, p.min_area_ratio) == ("hybrid", "largest", 2.0, 0.3)
+    assert evaluate.parse_variant("default") == infer.Pipeline()
+    with pytest.raises(ValueError, match="unknown variant part 'nope'"):
+        evaluate.parse_variant("img-cubic+nope")
+
+
+def test_crop_slices_keeps_boxes_and_labels_consistent():
+    imgs = np.arange(20)[:, None, None] * np.ones((20, 8, 8), np.uint8)
+    gts = np.zeros((20, 8, 8), np.uint8)
+    gts[2:18, 1:3, 1:3] = 1
+    gts[0:2, 5:7, 5:7] = 2
+    boxes = np.array([[1, 1, 2, 2, 2, 17], [5, 5, 0, 6, 6, 1]])
+    i2, b2, g2 = evaluate.crop_slices(imgs, boxes, gts, 6)
+    assert i2.shape[0] == 6 and g2.shape[0] == 6
+    start = int(i2[0, 0, 0])
+    np.testing.assert_array_equal(i2, imgs[start:start + 6])
+    assert 2 not in g2 and (g2 == 1).sum() > 0
+    case = infer.repair_case("3DBox_CT_t.npz", i2, b2)
+    assert case.valid.tolist() == [True, False]
+    assert case.boxes[0, 2] == 0 and case.boxes[0, 5] == 5
+
+
+def test_evaluate_runs_variants_once_per_distinct_pipeline(tmp_path, model):
+    """Two 2D cases and a 3D phantom under variants where some knobs do not apply: rows for every
+    (variant, case), identical scores where the resolved pipelines are the same, encoder calls shared."""
+    for k in range(2):
+        c = data.make_synthetic_case("2D", (80, 120), 2, "Endoscopy", seed=k)
+        data.write_challenge_case(tmp_path, data.case_name("2D", "Endoscopy", k), c)
+    c = data.make_synthetic_case("3D", (8, 64, 64), 2, "CT", seed=5)
+    data.write_challenge_case(tmp_path, data.case_name("3D", "CT", 9), c)
+    paths = sorted((tmp_path / "imgs").glob("*.npz"))
+    variants = ["default", "3d-propagate", "3d-hybrid+start-largest", "mask-cubic"]
+    cached = evaluate.CachingModel(model)
+    rows = evaluate.evaluate(cached, paths, tmp_path / "gts", variants, progress=False)
+    assert len(rows) == len(paths) * len(variants)
+    by = {(r["variant"], r["case"]): r for r in rows}
+    for p in paths[:2]:  # 2D: the 3D knobs change nothing, so the scores are those of default
+        assert by[("3d-propagate", p.name)]["dsc"] == by[("default", p.name)]["dsc"]
+    assert all(0 <= r["dsc"] <= 1 for r in rows)
+    # encoder: 1 per 2D case (all variants share the input) + the 3D box's slices once
+    depth = int(c["boxes"][:, 5].max() - c["boxes"][:, 2].min() + 1)
+    assert cached.encoder_calls == 2 + depth
+    summary = evaluate.summaries(rows, variants)
+    table = evaluate.format_variant_table(summary)
+    assert "| overall | 3 | default" in table and "| CT | 1 | 3d-propagate" in table
+
+
+def test_cli_prints_table_and_csv(tmp_path, oracle_dir, capsys):
+    c = data.make_synthetic_case("2D", (64, 96), 1, "X-Ray", seed=1)
+    data.write_challenge_case(tmp_path, data.case_name("2D", "X-Ray", 0), c)
+    code = evaluate.main(["-i", str(tmp_path / "imgs"), "--gts", str(tmp_path / "gts"), "-m", str(oracle_dir),
+                          "--variants", "default,img-cubic", "--out", str(tmp_path / "rows.csv"), "--cache-dir", "",
+                          "--wide"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "default DSC" in out and "img-cubic NSD" in out and "| X-Ray | 1 |" in out
+    assert len((tmp_path / "rows.csv").read_text().splitlines()) == 3
+    assert evaluate.main(["-i", str(tmp_path / "imgs"), "--gts", str(tmp_path / "gts"), "-m", str(oracle_dir),
+                          "--variants", "bogus"]) == 2
