@@ -150,12 +150,13 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     p.add_argument("--data", dest="data_root", default=d["data_root"],
                    help="training tree (challenge layout or our synthetic/dev layout)")
     p.add_argument("--eval-root", default=d["eval_root"],
-                   help="separate evaluation tree (default: hold out --eval-fraction of --data)")
+                   help="separate evaluation tree; None = hold out --eval-fraction of --data")
     p.add_argument("--eval-fraction", type=float, default=d["eval_fraction"],
                    help="fraction of --data files held out for evaluation (split by file)")
     p.add_argument("--out", default=d["out"], help="run directory; stage k writes OUT/stage<k>/")
     p.add_argument("--init", default=d["init"],
-                   help="start checkpoint ('published', a path); default: OUT/stage<k-1>/best.pth")
+                   help="start checkpoint ('published' or a path); None = OUT/stage<k-1>/best.pth "
+                        "(stage 1: published)")
     p.add_argument("--teacher", default=d["teacher"],
                    help="stage-1 fp32 teacher ('published' or a checkpoint path)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=d["resume"],
@@ -166,7 +167,7 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"],
                    help="linear warm-up from 1%% of --lr over this many epochs")
     p.add_argument("--anneal-epochs", type=int, default=d["anneal_epochs"],
-                   help="cosine annealing to 0.1%% of --lr over this many epochs (default: epochs - warmup)")
+                   help="cosine annealing to 0.1%% of --lr over this many epochs; None = epochs - warmup")
     p.add_argument("--optim", choices=("sgd", "adamw"), default=d["optim"], help="optimizer")
     p.add_argument("--momentum", type=float, default=d["momentum"], help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="weight decay")
@@ -249,13 +250,19 @@ def log(rank: int, *msg) -> None:
 
 # ---- model per stage ----
 
-def checkpoint_quant(source: str | None) -> dict:
+def read_source(source: str) -> str | dict:
+    """"published" stays a name for model.build_model; a path is read once into its dict."""
+    if source == "published":
+        return source
+    if not Path(source).is_file():
+        raise SystemExit(f"train.py: checkpoint {source} does not exist")
+    return torch.load(source, map_location="cpu", weights_only=False)
+
+
+def checkpoint_quant(source: str | dict) -> dict:
     """Which parts a start checkpoint has quantized: {"encoder": bool, "decoder": bool, …} (our
     checkpoints carry model.py's quant_config under "quant"; the published file is fp32)."""
-    if source in (None, "published"):
-        return {"encoder": False, "decoder": False}
-    ckpt = torch.load(source, map_location="cpu", weights_only=False)
-    quant = dict(ckpt.get("quant") or {}) if isinstance(ckpt, dict) else {}
+    quant = dict(source.get("quant") or {}) if isinstance(source, dict) and "model" in source else {}
     quant["encoder"], quant["decoder"] = bool(quant.get("encoder")), bool(quant.get("decoder"))
     return quant
 
@@ -273,10 +280,11 @@ def default_init(cfg: argparse.Namespace) -> str:
     return str(prev)
 
 
-def build_student(cfg: argparse.Namespace, source: str, calib_batch) -> tuple[nn.Module, dict]:
-    """The stage's student → (model, quant_config): load `source`, quantize what the stage needs
-    and `source` lacks, and calibrate only those parts on `calib_batch()` = (images B×3×256×256,
-    boxes_256 B×4)."""
+def build_student(cfg: argparse.Namespace, source: str | dict, calib_batch
+                  ) -> tuple[nn.Module, dict]:
+    """The stage's student → (model, quant_config): load `source` ("published" or a checkpoint
+    dict), quantize what the stage needs and `source` lacks, and calibrate only those parts on
+    `calib_batch()` = (images B×3×256×256, boxes_256 B×4)."""
     have = checkpoint_quant(source)
     want_enc, want_dec = QUANT_BY_STAGE[cfg.stage]
     net = model_lib.build_model(checkpoint=source, quant_encoder=have["encoder"],
@@ -675,7 +683,7 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.eval_only == "teacher":
             net = model_lib.build_model(checkpoint=cfg.teacher).to(device)
         else:
-            net = build_student(cfg, default_init(cfg), calib_batch)[0].to(device)
+            net = build_student(cfg, read_source(default_init(cfg)), calib_batch)[0].to(device)
         summary = evaluate(net, eval_files, cfg, device, rank, world)
         if rank == 0:
             print(json.dumps(summary, indent=1))
@@ -687,11 +695,11 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.resume:
         if not last_path.is_file():
             raise SystemExit(f"train.py: --resume but {last_path} does not exist")
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+        ckpt = read_source(str(last_path))
         source = str(last_path)
     else:
         source = default_init(cfg)
-    net, quant = build_student(cfg, source, calib_batch)
+    net, quant = build_student(cfg, ckpt if ckpt is not None else read_source(source), calib_batch)
     net.to(device)
     parts = set_trainable(net, cfg.stage, cfg.train_prompt_encoder)
     teacher = None
