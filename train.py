@@ -54,6 +54,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import data
+import infer  # evaluation runs the challenge entrypoint's own segmentation code (no openvino import)
 import losses
 import metrics
 import model as model_lib
@@ -86,7 +87,7 @@ bbox_shift = 10                # box jitter in pixels (paper config: 10)
 calib_images = 8               # training images used to calibrate freshly quantized parts
 eval_max_slices = 16           # 3D eval: at most this many contiguous slices per case (0 = all)
 eval_max_cases = 0             # >0: evaluate only the first N eval cases (cheap smoke runs)
-eval_box_block = 64            # boxes per decoder call in evaluation (memory bound)
+eval_box_block = 16            # boxes per decoder call in evaluation (infer.DEFAULT_BLOCK: memory)
 pseudo_label = False           # also train on unlabeled cases with the fp32 teacher's mask as target
 train_prompt_encoder = False   # stage 3 only
 save_every_epoch = False       # also keep epoch_XXX.pth
@@ -394,7 +395,7 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-# ---- evaluation (the inference pipeline's preprocessing, the challenge metrics) ----
+# ---- evaluation (infer.py's segmentation pipeline, the challenge metrics) ----
 
 def slice_window(depth: int, boxes: np.ndarray, max_slices: int) -> tuple[int, int]:
     """3D eval window [z_lo, z_hi): all slices, or `max_slices` contiguous ones centred on the
@@ -406,50 +407,54 @@ def slice_window(depth: int, boxes: np.ndarray, max_slices: int) -> tuple[int, i
     return start, start + max_slices
 
 
-@torch.no_grad()
-def segment_slice(net: nn.Module, img: np.ndarray, boxes: np.ndarray, device: torch.device,
-                  box_block: int) -> np.ndarray:
-    """One 2D image H×W(×3) and its boxes N×4 (original pixels) → uint8 label map H×W (box i →
-    label i+1, later boxes win where masks overlap, as in the challenge baseline)."""
-    hw = img.shape[:2]
-    image = torch.from_numpy(data.preprocess_image(img))[None].to(device)
-    embedding = net.encode(image)
-    boxes_256 = torch.from_numpy(data.boxes_to_256(boxes, hw)).to(device)
-    seg = np.zeros(hw, np.uint8)
-    for b0 in range(0, len(boxes_256), box_block):
-        logits = net.decode(embedding, boxes_256[b0:b0 + box_block]).float().cpu().numpy()
-        for i, lg in enumerate(logits):
-            seg[data.postprocess_logits(lg[0], hw)] = b0 + i + 1
-    return seg
+class PipelineModel:
+    """infer.py's model interface (numpy in, numpy out) over a torch LiteMedSAM, so that evaluation
+    runs infer.segment_case itself: the same preprocessing, box mapping, mask upsampling and 3D
+    prompting as the challenge entrypoint, per-modality defaults included."""
+
+    def __init__(self, net: nn.Module, device: torch.device) -> None:
+        self.net, self.device = net, device
+
+    @torch.no_grad()
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """image B×3×256×256 float32 → image_embedding B×256×64×64."""
+        return self.net.encode(torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+                               ).float().cpu().numpy()
+
+    @torch.no_grad()
+    def decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
+        """image_embedding 1×256×64×64, boxes_256 N×4 → low_res_logits N×1×256×256."""
+        embedding = torch.from_numpy(np.ascontiguousarray(image_embedding)).to(self.device)
+        boxes = torch.from_numpy(np.ascontiguousarray(boxes_256, np.float32)).to(self.device)
+        return self.net.decode(embedding, boxes).float().cpu().numpy()
 
 
-@torch.no_grad()
+def window_case(name: str, imgs: np.ndarray, boxes: np.ndarray, z_lo: int, z_hi: int):
+    """A 3D case cut to slices [z_lo, z_hi) as an infer.Case: box z-ranges shifted and clipped;
+    boxes wholly outside the window keep their row (labels stay box index + 1) but are invalid."""
+    inside = (boxes[:, 5] >= z_lo) & (boxes[:, 2] < z_hi)
+    cut = boxes.astype(np.float64).copy()
+    cut[:, [2, 5]] = np.clip(cut[:, [2, 5]] - z_lo, 0, z_hi - z_lo - 1)
+    case = infer.repair_case(name, imgs[z_lo:z_hi], cut)
+    case.valid &= inside
+    return case
+
+
 def evaluate_case(net: nn.Module, path: str, cfg: argparse.Namespace,
                   device: torch.device) -> dict:
-    """One labeled challenge npz → {"case", "modality", "dsc", "nsd"} through the inference
-    pipeline: per 2D image (or per 3D slice with boxes from the 3D boxes' x/y), label map, metrics."""
+    """One labeled challenge npz → {"case", "modality", "dsc", "nsd"}: infer.segment_case on the
+    torch model (3D: on at most --eval-max-slices contiguous slices), then metrics.case_metrics."""
     case = data.load_case(path, labels_path=data.find_labels(path))
     imgs, boxes, gts = case["imgs"], np.asarray(case["boxes"]), case["gts"]
-    is_3d = boxes.shape[-1] == 6
-    if not is_3d:
-        segs = segment_slice(net, imgs, boxes, device, cfg.eval_box_block)
-        spacing = None
-    else:
+    name = Path(path).name
+    if boxes.shape[-1] == 6:
         z_lo, z_hi = slice_window(imgs.shape[0], boxes, cfg.eval_max_slices)
-        imgs, gts = imgs[z_lo:z_hi], gts[z_lo:z_hi]
-        segs = np.zeros(imgs.shape, np.uint8)
-        for z in range(z_lo, z_hi):
-            on = np.flatnonzero((boxes[:, 2] <= z) & (z <= boxes[:, 5]))  # boxes covering slice z
-            if len(on) == 0:
-                continue
-            slice_seg = segment_slice(net, imgs[z - z_lo], boxes[on][:, [0, 1, 3, 4]], device,
-                                      cfg.eval_box_block)
-            for i, label in enumerate(on):  # map block-local labels back to box indices
-                segs[z - z_lo][slice_seg == i + 1] = label + 1
-        spacing = case.get("spacing")
-    dsc, nsd = metrics.case_metrics(gts, segs, spacing, is_3d)
-    return {"case": Path(path).name, "modality": metrics.modality_of(path), "dsc": float(dsc),
-            "nsd": float(nsd)}
+        pipeline_case, gts = window_case(name, imgs, boxes, z_lo, z_hi), gts[z_lo:z_hi]
+    else:
+        pipeline_case = infer.repair_case(name, imgs, boxes)
+    segs = infer.segment_case(PipelineModel(net, device), pipeline_case, block=cfg.eval_box_block)
+    dsc, nsd = metrics.case_metrics(gts, segs, case.get("spacing"), pipeline_case.is_3d)
+    return {"case": name, "modality": metrics.modality_of(path), "dsc": float(dsc), "nsd": float(nsd)}
 
 
 def summarise_eval(rows: list[dict]) -> dict:

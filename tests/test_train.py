@@ -72,6 +72,15 @@ def test_slice_window():
     assert train.slice_window(40, np.array([[0, 0, 37, 5, 5, 39]]), 6) == (34, 40)  # clipped
 
 
+def test_window_case_keeps_labels():
+    imgs = np.zeros((20, 32, 32), np.uint8)
+    boxes = np.array([[1, 1, 0, 9, 9, 4], [2, 2, 5, 20, 20, 12], [3, 3, 15, 30, 30, 19]])
+    case = train.window_case("3DBox_CT_x.npz", imgs, boxes, 6, 10)
+    assert case.imgs.shape == (4, 32, 32) and case.is_3d
+    assert case.valid.tolist() == [False, True, False]     # rows kept: label = box index + 1
+    assert case.boxes[1, 2] == 0 and case.boxes[1, 5] == 3  # z-range 5..12 clipped to the window
+
+
 def test_save_atomic_and_csv(tmp_path):
     path = tmp_path / "x.pth"
     train.save_atomic({"a": torch.ones(2)}, path)
@@ -130,10 +139,17 @@ class BoxNet(torch.nn.Module):
         return torch.where(inside, 10.0, -10.0)[:, None]
 
 
-def test_evaluate_case_2d_and_3d_window(tmp_path):
-    """evaluate_case runs the inference preprocessing / postprocessing and metrics.case_metrics; with
-    box-shaped predictions the scores equal metrics computed here from the boxes themselves."""
+def test_evaluate_case_2d_and_3d_window(tmp_path, monkeypatch):
+    """evaluate_case runs infer.segment_case on the torch model and metrics.case_metrics; with
+    box-shaped predictions (and the pipeline's fallback defaults: linear mask upsampling, float
+    boxes, the 3D box prompt) the scores equal metrics computed here from the boxes themselves."""
+    import infer
     import metrics
+    monkeypatch.setattr(infer, "PIPELINE_BY_MODALITY", {})
+    monkeypatch.setattr(infer, "PROMPT_3D_BY_MODALITY", {})
+    monkeypatch.setattr(infer, "PROMPT_3D_FALLBACK", "box")
+    monkeypatch.setattr(infer, "PIPELINE_FALLBACK", {**infer.PIPELINE_FALLBACK,
+                                                     "mask_interp": "linear", "box_rounding": "float"})
     paths = data.write_synthetic_set(tmp_path, n2d=1, n3d=1, seed=5, modalities_2d=("Endoscopy",),
                                      modalities_3d=("CT",))
     cfg = train.parse_config(["--eval-max-slices", "3", "--eval-box-block", "2"])
