@@ -95,34 +95,56 @@ def effective_key(case: infer.Case, pipe: infer.Pipeline) -> tuple:
 
 
 class CachingModel:
-    """Wraps an infer model: encode() results are cached by the exact bytes of the encoder input
-    (one case at a time: call clear() between cases); decode() passes through. Counts real calls."""
+    """Wraps an infer model for one case at a time (call clear() between cases):
+      encode(): cached by the exact bytes of the encoder input;
+      decode(): per box, cached by (embedding, exact box_256 bytes); only unseen boxes reach the decoder
+    (variants differing after the decoder, or sharing propagation steps, cost no decoder calls).
+    Outputs are exactly the wrapped model's. Counts real calls."""
 
     def __init__(self, model) -> None:
         self.model = model
         self.precision = getattr(model, "precision", "?")
-        self._cache: dict[bytes, np.ndarray] = {}
+        self._embeddings: dict[bytes, np.ndarray] = {}
+        self._embedding_key: dict[int, bytes] = {}  # id(embedding array) → its key, while cached
+        self._logits: dict[tuple[bytes, bytes], np.ndarray] = {}
         self.encoder_calls = 0
         self.decoder_calls = 0
         self.encoder_hits = 0
+        self.decoder_box_hits = 0
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         """image B×3×256×256 float32 → image_embedding B×256×64×64 (cached)."""
         key = hashlib.blake2b(np.ascontiguousarray(image, np.float32).tobytes(), digest_size=16).digest()
-        if key in self._cache:
+        if key in self._embeddings:
             self.encoder_hits += 1
-            return self._cache[key]
+            return self._embeddings[key]
         self.encoder_calls += 1
         emb = self.model.encode(image)
-        self._cache[key] = emb
+        self._embeddings[key] = emb
+        self._embedding_key[id(emb)] = key
         return emb
 
     def decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
-        self.decoder_calls += 1
-        return self.model.decode(image_embedding, boxes_256)
+        """image_embedding 1×256×64×64, boxes_256 N×4 → low_res_logits N×1×256×256 (cached per box)."""
+        emb_key = self._embedding_key.get(id(image_embedding))
+        boxes_256 = np.ascontiguousarray(boxes_256, np.float32)
+        if emb_key is None:  # not from encode(): no caching
+            self.decoder_calls += 1
+            return self.model.decode(image_embedding, boxes_256)
+        keys = [(emb_key, b.tobytes()) for b in boxes_256]
+        missing = [k for k, key in enumerate(keys) if key not in self._logits]
+        self.decoder_box_hits += len(keys) - len(missing)
+        if missing:
+            self.decoder_calls += 1
+            fresh = self.model.decode(image_embedding, boxes_256[missing])
+            for j, k in enumerate(missing):
+                self._logits[keys[k]] = fresh[j]
+        return np.stack([self._logits[key] for key in keys])
 
     def clear(self) -> None:
-        self._cache.clear()
+        self._embeddings.clear()
+        self._embedding_key.clear()
+        self._logits.clear()
 
 
 def crop_slices(imgs: np.ndarray, boxes: np.ndarray, gts: np.ndarray, max_slices: int

@@ -228,3 +228,19 @@ def test_cli_prints_table_and_csv(tmp_path, oracle_dir, capsys):
     assert len((tmp_path / "rows.csv").read_text().splitlines()) == 3
     assert evaluate.main(["-i", str(tmp_path / "imgs"), "--gts", str(tmp_path / "gts"), "-m", str(oracle_dir),
                           "--variants", "bogus"]) == 2
+
+
+def test_caching_model_gives_the_models_label_maps(model):
+    """The encoder/decoder caches change costs, never results: every variant's label map through one
+    CachingModel equals the plain model's, and repeated variants cost no new model calls."""
+    c = data.make_synthetic_case("3D", (8, 64, 64), 3, "CT", seed=7)
+    case = infer.repair_case("3DBox_CT_t.npz", c["imgs"], c["boxes"])
+    cached = evaluate.CachingModel(model)
+    specs = ["3d-box", "3d-propagate", "3d-hybrid+start-largest+margin2", "box-outward+mask-cubic"]
+    for spec in specs:
+        pipe = evaluate.parse_variant(spec)
+        np.testing.assert_array_equal(infer.segment_case(cached, case, pipe=pipe), infer.segment_case(model, case, pipe=pipe))
+    calls = (cached.encoder_calls, cached.decoder_calls)
+    for spec in specs:
+        infer.segment_case(cached, case, pipe=evaluate.parse_variant(spec))
+    assert (cached.encoder_calls, cached.decoder_calls) == calls and cached.decoder_box_hits > 0
