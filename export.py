@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -96,6 +97,35 @@ def is_quantized(module: nn.Module) -> bool:
     """True if `module` holds any Brevitas quant layer (then it is exported as QCDQ)."""
     return any(isinstance(m, model_lib.qnn.quant_layer.QuantWeightBiasInputOutputLayer)
                or isinstance(m, model_lib.qnn.QuantIdentity) for m in module.modules())
+
+
+# Parts of the mask decoder the single-mask graph never reads (the exporter drops them as dead code):
+# the hypernetworks of mask tokens 1–3 and the IoU head.
+DECODER_UNUSED = ("output_hypernetworks_mlps.1.", "output_hypernetworks_mlps.2.",
+                  "output_hypernetworks_mlps.3.", "iou_prediction_head.")
+
+
+def quantizers(module: nn.Module, skip: Sequence[str] = ()) -> dict[str, list[tuple[str, nn.Module]]]:
+    """Enabled Brevitas quantizers of `module` by kind, as (name, proxy), names not starting with
+    any of `skip`: "act" (input / identity activation quantizers: one QuantizeLinear +
+    DequantizeLinear each in QCDQ) and "weight" (int8 initializer + DequantizeLinear each)."""
+    from brevitas.proxy import ActQuantProxyFromInjector, WeightQuantProxyFromInjector
+    out: dict[str, list] = {"act": [], "weight": []}
+    for name, m in module.named_modules():
+        if any(name.startswith(p) for p in skip) or not getattr(m, "is_quant_enabled", False):
+            continue
+        if isinstance(m, ActQuantProxyFromInjector):
+            out["act"].append((name, m))
+        elif isinstance(m, WeightQuantProxyFromInjector):
+            out["weight"].append((name, m))
+    return out
+
+
+def count_quantizers(net: model_lib.LiteMedSAM) -> dict[str, dict[str, int]]:
+    """{"encoder"|"decoder": {"act": n, "weight": n}}: the quantizers each exported graph contains."""
+    parts = {"encoder": quantizers(net.image_encoder),
+             "decoder": quantizers(net.mask_decoder, DECODER_UNUSED)}
+    return {p: {k: len(v) for k, v in q.items()} for p, q in parts.items()}
 
 
 def load_checkpoint(checkpoint: str = "published") -> tuple[model_lib.LiteMedSAM, dict]:
@@ -204,6 +234,63 @@ def export_onnx(graph: nn.Module, args: tuple[torch.Tensor, ...], path: Path, in
             torch.onnx.export(graph, args, str(path), do_constant_folding=True, **kwargs)
 
 
+def drop_initializer_inputs(path: Path) -> int:
+    """Remove initializers from the graph inputs (the TorchScript exporter under Brevitas lists every
+    bias/norm weight as an input too: ONNX Runtime then cannot constant-fold them and warns once per
+    tensor). Rewrites `path` in place; returns how many inputs were dropped."""
+    import onnx
+    m = onnx.load(str(path))
+    inits = {t.name for t in m.graph.initializer}
+    keep = [i for i in m.graph.input if i.name not in inits]
+    dropped = len(m.graph.input) - len(keep)
+    if dropped:
+        del m.graph.input[:]
+        m.graph.input.extend(keep)
+        onnx.save(m, str(path))
+    return dropped
+
+
+def fold_weight_clips(path: Path) -> int:
+    """Fold every Clip whose data input is an integer initializer (Brevitas' narrow-range int8 weights:
+    int8 → Clip(-127, 127) → DequantizeLinear) into that initializer, in place; returns how many.
+
+    Exact (the clip of a constant), and it matters: OpenVINO keeps such a Clip as a runtime int8
+    Eltwise, which hides the weight's DequantizeLinear from its low-precision transformations, so
+    every Convolution (and the decoder's ConvTranspose) ran in f32 with it (see the runtime precision
+    test)."""
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    const = lambda name: numpy_helper.to_array(inits[name]) if name in inits else None  # noqa: E731
+    folded, keep = 0, []
+    for node in g.node:
+        w = const(node.input[0]) if node.op_type == "Clip" and node.input else None
+        if w is None or w.dtype.kind not in "iu":
+            keep.append(node)
+            continue
+        lo = const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        hi = const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if (len(node.input) > 1 and node.input[1] and lo is None) or (
+                len(node.input) > 2 and node.input[2] and hi is None):
+            keep.append(node)  # a bound computed at run time: leave it
+            continue
+        clipped = np.clip(w, lo if lo is not None else None, hi if hi is not None else None).astype(w.dtype)
+        name = node.output[0]  # the folded constant takes the Clip's output name: consumers unchanged
+        g.initializer.append(numpy_helper.from_array(clipped, name))
+        folded += 1
+    if folded:
+        del g.node[:]
+        g.node.extend(keep)
+        still = Counter(i for n in g.node for i in n.input)
+        dead = [t for t in g.initializer if t.name not in still and t.name in inits]
+        for t in dead:  # the unclipped originals and the now unused bounds
+            g.initializer.remove(t)
+        onnx.save(m, str(path))
+    return folded
+
+
 def check_onnx(path: Path) -> None:
     """onnx.checker with full shape inference; raises naming the file."""
     import onnx
@@ -230,8 +317,9 @@ def versions() -> dict[str, str]:
 
 
 def export_model(net: model_lib.LiteMedSAM, out_dir: str | os.PathLike, info: dict,
-                 opset: int = DEFAULT_OPSET, ir: bool = True) -> Path:
-    """Write encoder/decoder ONNX (+ IR) and meta.json into `out_dir`, atomically per file."""
+                 opset: int = DEFAULT_OPSET, ir: bool = True, fold_clips: bool = True) -> Path:
+    """Write encoder/decoder ONNX (+ IR) and meta.json into `out_dir`, atomically per file.
+    fold_clips: the fold_weight_clips post-pass on QCDQ graphs."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -248,13 +336,19 @@ def export_model(net: model_lib.LiteMedSAM, out_dir: str | os.PathLike, info: di
             kind = "QCDQ" if is_quantized(graph) else "fp32"
             say(f"{name}: exporting {kind} ONNX (opset {opset})")
             export_onnx(graph, args, onnx_path, ins, outs, dyn, opset)
+            drop_initializer_inputs(onnx_path)
+            if fold_clips:
+                n_clips = fold_weight_clips(onnx_path)
+                if n_clips:
+                    say(f"{name}: folded {n_clips} weight Clips into their int8 initializers")
             check_onnx(onnx_path)
             if ir:
                 say(f"{name}: converting to OpenVINO IR")
                 to_ir(onnx_path, tmp / f"{name}.xml")
         meta = dict(info)
+        meta["quantizers"] = count_quantizers(net)
         meta.update({
-            "opset": opset, "ir": ir, "format": {"encoder": "QCDQ" if meta["quantized"]["encoder"] else "fp32",
+            "opset": opset, "ir": ir, "fold_weight_clips": fold_clips, "format": {"encoder": "QCDQ" if meta["quantized"]["encoder"] else "fp32",
                                                   "decoder": "QCDQ" if meta["quantized"]["decoder"] else "fp32"},
             "exported_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),
@@ -295,6 +389,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="number of calibration images")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     p.add_argument("--no-ir", action="store_true", help="write ONNX only, no OpenVINO IR")
+    p.add_argument("--keep-clips", action="store_true",
+                   help="skip the post-pass folding Clip(int8 weight) into the initializer "
+                        "(OpenVINO then runs Conv/ConvTranspose in f32)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     return p.parse_args(argv)
 
@@ -312,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             net, info = load_checkpoint(args.checkpoint)
             if args.fp32 and (info["quantized"]["encoder"] or info["quantized"]["decoder"]):
                 raise ValueError(f"{args.checkpoint}: --fp32 given but the checkpoint is quantized")
-        out = export_model(net, args.out, info, opset=args.opset, ir=not args.no_ir)
+        out = export_model(net, args.out, info, opset=args.opset, ir=not args.no_ir,
+                           fold_clips=not args.keep_clips)
     except (FileNotFoundError, ValueError) as e:
         say(f"error: {e}")
         return 1
