@@ -609,7 +609,25 @@ from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerTensorFloat  # no
 from brevitas.quant import Uint8ActPerTensorFloat  # noqa: E402
 
 QUANT_HOOKS = ("q_quant", "k_quant", "probs_quant", "v_quant")
-FLOAT_LAYERS_DEFAULT: tuple[str, ...] = ()
+# Layers left in float by default (fnmatch patterns over model.named_modules() names).
+# Measured on 13 images / 37 boxes (6 synthetic + 7 devset slices), calibration only, mean mask IoU
+# of binarised low-res logits vs fp32 (tests: test_calibrated_quant_masks_agree_with_fp32):
+#   everything int8: 0.745 (synthetic 0.834, devset 0.581); decoder only int8: 0.980;
+#   decoder only, probs float: 0.988; encoder weights-only int8: 0.797 — the loss is stage 0:
+#   weight quantization alone gives 0.13 → 0.24 relative error through its two MBConvs and the
+#   following merge amplifies it to ~0.7–0.9 (even with the merge in float);
+#   + patch embed, stage 0 (MBConvs + merge), all depthwise convs, decoder probs float: 0.908
+#   on a 7-image subset (synthetic 0.952, devset 0.745); 0.944 on the test's 4 synthetic images;
+#   also stage 1 float: 0.924 (synthetic 0.951, devset 0.825). Calibration alone does NOT reach the
+#   issue's 0.95 at an acceptable float share; QAT has to close the gap.
+#   FLOP share kept float: printed by `python model.py`.
+FLOAT_LAYERS_DEFAULT: tuple[str, ...] = (
+    "image_encoder.patch_embed.*",      # 0.4 % of encoder FLOPs, first layers see raw pixels
+    "image_encoder.layers.0.*",         # stage 0 at 256²: the error amplifier (see above)
+    "image_encoder.*.conv2.c",          # depthwise 3×3 convs of the merges: < 1 % of FLOPs
+    "image_encoder.*.local_conv.c",     # depthwise 3×3 local convs: < 1 % of FLOPs
+    "mask_decoder.*.probs_quant",       # softmax probabilities (0.98 → 0.99 IoU, decoder only)
+)
 
 
 class Int8ActQuant(Int8ActPerTensorFloat):
@@ -810,7 +828,6 @@ def param_counts(model: LiteMedSAM) -> dict[str, int]:
             for part in ("image_encoder", "prompt_encoder", "mask_decoder")}
 
 
-@torch.no_grad()
 def module_flops(model: LiteMedSAM, n_boxes: int = 1) -> dict[str, int]:
     """FLOPs (2 × MACs) of one image + `n_boxes` boxes per module name (inclusive of children;
     "" = whole model), from torch's FlopCounterMode (convs, linears, matmuls)."""
@@ -818,7 +835,7 @@ def module_flops(model: LiteMedSAM, n_boxes: int = 1) -> dict[str, int]:
     prefix = type(model).__name__
     image = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     with FlopCounterMode(display=False) as counter:
-        model(image, default_calibration_boxes(n_boxes))
+        model(image, default_calibration_boxes(n_boxes))  # not under no_grad: the tracker needs autograd
     out = {}
     for name, ops in counter.get_flop_counts().items():
         if name == "Global" or not (name == prefix or name.startswith(prefix + ".")):

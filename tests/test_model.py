@@ -114,3 +114,125 @@ def test_fp32_matches_live_reference(fp32_model):
         assert diff < PARITY_ATOL
         counts.add(len(boxes_256))
     assert {1, 7, 64} <= counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized model
+# ----------------------------------------------------------------------------------------------
+
+IOU_MIN = 0.95  # the issue's bound: mean mask IoU, quantized (calibrated, no training) vs fp32
+IOU_REGRESSION_MIN = 0.90  # what FLOAT_LAYERS_DEFAULT measurably reaches now (0.944 here)
+
+
+def _cases(seed: int, n_images: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Synthetic grey/colour 'scans' with 3 boxes around their objects, preprocessed."""
+    import data
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_images):
+        hw = (int(rng.integers(200, 480)), int(rng.integers(200, 480)))
+        img, boxes = make_reference.synthetic_image(rng, hw, colour=bool(i % 2), n_objects=3)
+        out.append((torch.from_numpy(data.preprocess_image(img))[None],
+                    torch.from_numpy(data.boxes_to_256(boxes, hw))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def quant_model() -> model.LiteMedSAM:
+    """Published weights, encoder and decoder quantized, calibrated on 3 synthetic images."""
+    m = model.build_model("published", quant_encoder=True, quant_decoder=True)
+    calib = _cases(seed=200, n_images=3)
+    return model.calibrate(m, [c[0] for c in calib], [c[1] for c in calib])
+
+
+def test_quantize_swaps_every_layer_except_float_list(quant_model):
+    import brevitas.nn as qnn
+    float_layers = quant_model.quant_config["float_layers"]
+    for name, m in quant_model.named_modules():
+        plain = type(m) in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+        if name.startswith(("image_encoder.", "mask_decoder.")) and plain:
+            assert model._matches(name, float_layers), f"{name} left float"
+        if name.startswith("prompt_encoder."):
+            assert not isinstance(m, (qnn.QuantLinear, qnn.QuantConv2d, qnn.QuantIdentity)), name
+        if name.endswith(model.QUANT_HOOKS) and not model._matches(name, float_layers):
+            assert isinstance(m, qnn.QuantIdentity), f"{name} not quantized"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in quant_model.modules())
+
+
+@pytest.fixture(scope="module")
+def quant_vs_fp32_ious(fp32_model, quant_model) -> torch.Tensor:
+    ious = []
+    with torch.no_grad():
+        for image, boxes_256 in _cases(seed=100, n_images=4):  # disjoint from calibration
+            ious.append(_mask_iou(quant_model(image, boxes_256), fp32_model(image, boxes_256)))
+    ious = torch.cat(ious)
+    print(f"mean mask IoU quantized vs fp32 = {ious.mean():.3f} over {len(ious)} boxes "
+          f"(min {ious.min():.3f})")
+    return ious
+
+
+@pytest.mark.slow
+def test_calibrated_quant_masks_do_not_regress(quant_vs_fp32_ious):
+    assert quant_vs_fp32_ious.mean() >= IOU_REGRESSION_MIN
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 3 target not met by calibration alone: measured "
+                   "0.944 here, 0.908 on synthetic + devset slices; remove this mark when it passes")
+def test_calibrated_quant_masks_meet_issue_target(quant_vs_fp32_ious):
+    assert quant_vs_fp32_ious.mean() >= IOU_MIN
+
+
+@pytest.mark.slow
+def test_forward_shapes_and_finite_for_1_and_255_boxes(quant_model):
+    image, _ = _cases(seed=5, n_images=1)[0]
+    with torch.no_grad():
+        image_embedding = quant_model.encode(image)
+        assert image_embedding.shape == (1, 256, 64, 64)
+        for n in (1, 255):
+            boxes_256 = model.default_calibration_boxes(n)
+            logits = quant_model.decode(image_embedding, boxes_256)
+            assert logits.shape == (n, 1, 256, 256)
+            assert torch.isfinite(logits).all()
+
+
+def test_backward_reaches_every_trainable_param_and_frozen_prompt_encoder_stays(quant_model):
+    import copy
+    m = copy.deepcopy(quant_model)  # this test takes an optimizer step
+    m.train()
+    for p in m.prompt_encoder.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in m.prompt_encoder.state_dict().items()}
+    m.zero_grad(set_to_none=True)
+    image, boxes_256 = _cases(seed=9, n_images=1)[0]
+    image_embedding = m.encode(image)
+    single, iou_single = m.decode_with_iou(image_embedding, boxes_256[:2])
+    multi, iou_multi = m.decode_with_iou(image_embedding, boxes_256[:2], multimask_output=True)
+    loss = single.mean() + multi.mean() + iou_single.sum() + iou_multi.sum()
+    loss.backward()
+    missing = [n for n, p in m.named_parameters()
+               if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    scale_grads = [n for n, p in m.named_parameters() if "scaling_impl" in n and p.grad is not None]
+    torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3).step()
+    assert not missing, f"no gradient for {missing[:5]}"
+    assert scale_grads, "learned activation scales got no gradient"  # STE through the quantizers
+    assert all(p.grad is None for p in m.prompt_encoder.parameters())
+    for k, v in m.prompt_encoder.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    changed = m.mask_decoder.transformer.layers[0].mlp.lin1.weight
+    assert not torch.equal(changed, quant_model.mask_decoder.transformer.layers[0].mlp.lin1.weight)
+
+
+def test_quant_state_dict_round_trip_is_exact(quant_model, tmp_path):
+    path = tmp_path / "q.pth"
+    torch.save(model.save_model_state(quant_model), path)
+    rebuilt = model.build_model(path)
+    image, boxes_256 = _cases(seed=11, n_images=1)[0]
+    with torch.no_grad():
+        assert torch.equal(rebuilt(image, boxes_256), quant_model(image, boxes_256))
+
+
+def test_uncalibrated_quant_model_cannot_be_saved():
+    m = model.build_model(None, quant_encoder=False, quant_decoder=True)
+    with pytest.raises(ValueError, match="never calibrated"):
+        model.save_model_state(m)
