@@ -183,12 +183,19 @@ def write_phantoms(out_dir: Path, n_per_kind: int = 3, seed: int = 0) -> list[Pa
     return written
 
 
+ROW_FIELDS = ["variant", "case", "modality", "dsc", "nsd", "seconds"]
+
+
 def evaluate(model, case_paths: list[Path], gts_dir: Path, variants: list[str], block: int = infer.DEFAULT_BLOCK,
-             max_slices: int = 0, progress: bool = True) -> list[dict]:
+             max_slices: int = 0, progress: bool = True, rows_csv: Path | None = None) -> list[dict]:
     """Every case under every variant → rows {variant, case, modality, dsc, nsd, seconds}.
 
     `seconds` is the wall time of the variant's segment_case call on the cached model (encoder calls
-    shared with earlier variants are not counted again): a rough cost, not a latency."""
+    shared with earlier variants are not counted again): a rough cost, not a latency.
+    With `rows_csv`, each case's rows are appended as soon as it is done (a stopped run keeps them)."""
+    if rows_csv:
+        with open(rows_csv, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=ROW_FIELDS).writeheader()
     pipes = {v: parse_variant(v) for v in variants}
     cached = model if isinstance(model, CachingModel) else CachingModel(model)
     rows: list[dict] = []
@@ -215,6 +222,9 @@ def evaluate(model, case_paths: list[Path], gts_dir: Path, variants: list[str], 
             dsc, nsd, seconds = done[key]
             rows.append(dict(variant=v, case=path.name, modality=case.modality, dsc=dsc, nsd=nsd, seconds=seconds))
         cached.clear()
+        if rows_csv:
+            with open(rows_csv, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=ROW_FIELDS).writerows(rows[-len(pipes):])
         if progress:
             best = " ".join(f"{v}={r['dsc']:.3f}" for v, r in ((r["variant"], r) for r in rows[-len(pipes):]))
             print(f"evaluate: [{n + 1}/{len(case_paths)}] {path.name} (encoder {cached.encoder_calls}, "
@@ -259,19 +269,51 @@ def format_wide_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def write_rows(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["variant", "case", "modality", "dsc", "nsd", "seconds"])
-        writer.writeheader()
-        writer.writerows(rows)
+def read_rows(path: Path) -> list[dict]:
+    """Rows written by --out (numbers parsed)."""
+    with open(path, newline="") as f:
+        return [dict(r, dsc=float(r["dsc"]), nsd=float(r["nsd"]), seconds=float(r["seconds"])) for r in csv.DictReader(f)]
+
+
+def compare(rows: list[dict], baseline: str) -> str:
+    """Markdown table: per modality and variant, mean ΔDSC / ΔNSD against `baseline` over the cases both
+    ran, and per-case DSC wins / ties (|Δ| < 0.001) / losses: how consistent a gain is, not just its size."""
+    base = {r["case"]: r for r in rows if r["variant"] == baseline}
+    variants = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] != baseline))
+    lines = [f"| modality | variant | n | ΔDSC vs {baseline} | ΔNSD | wins / ties / losses |", "|---|---|---:|---:|---:|---|"]
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["variant"] != baseline and r["case"] in base:
+            groups.setdefault(r["modality"], []).append(r)
+            groups.setdefault("overall", []).append(r)
+    for m in sorted(g for g in groups if g != "overall") + (["overall"] if groups else []):
+        for v in variants:
+            sel = [r for r in groups[m] if r["variant"] == v and not math.isnan(r["dsc"]) and not math.isnan(base[r["case"]]["dsc"])]
+            if not sel:
+                continue
+            d_dsc = [r["dsc"] - base[r["case"]]["dsc"] for r in sel]
+            d_nsd = [r["nsd"] - base[r["case"]]["nsd"] for r in sel]
+            wins, losses = sum(d > 1e-3 for d in d_dsc), sum(d < -1e-3 for d in d_dsc)
+            lines.append(f"| {m} | {v} | {len(sel)} | {np.mean(d_dsc):+.4f} | {np.mean(d_nsd):+.4f} | "
+                         f"{wins} / {len(sel) - wins - losses} / {losses} |")
+    return "\n".join(lines)
+
+
+def estimated_cost(path: Path) -> float:
+    """Decoder calls dominate: boxes × slices (3D) or boxes (2D); used to run cheap cases first."""
+    with np.load(path, allow_pickle=False) as f:
+        boxes = f["boxes"]
+    if boxes.ndim == 2 and boxes.shape[1] == 6:
+        return float(((boxes[:, 5] - boxes[:, 2]) + 1).clip(min=1).sum())
+    return float(len(boxes))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="DSC/NSD per modality of labelled challenge cases under named pipeline "
                                 "variants (one pipeline: infer.segment_case with different infer.Pipeline knobs).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--input", required=True, type=Path, metavar="CASES_DIR", help="folder of input .npz cases (imgs, boxes)")
-    p.add_argument("--gts", required=True, type=Path, metavar="GTS_DIR", help="folder of ground-truth .npz (gts, spacing) with the same names")
+    p.add_argument("-i", "--input", type=Path, metavar="CASES_DIR", help="folder of input .npz cases (imgs, boxes)")
+    p.add_argument("--gts", type=Path, metavar="GTS_DIR", help="folder of ground-truth .npz (gts, spacing) with the same names")
     p.add_argument("-m", "--model", type=Path, default=infer.DEFAULT_MODEL_DIR, metavar="MODEL_DIR", help="model dir (encoder/decoder IR or ONNX)")
     p.add_argument("--variants", default="default", metavar="V1,V2,…",
                    help=f"comma-separated variants; a variant joins names with '+'; names: {', '.join(VARIANTS)}; "
@@ -283,6 +325,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-slices", type=int, default=0, metavar="N", help="crop 3D volumes to N slices around their boxes; 0 = whole volume")
     p.add_argument("--only", default="", metavar="SUBSTR,…", help="only cases whose file name contains one of these substrings (e.g. 2DBox_,3DBox_CT)")
     p.add_argument("--out", type=Path, default=None, metavar="CSV", help="per-case rows (variant, case, modality, dsc, nsd, seconds)")
+    p.add_argument("--baseline", default=None, metavar="VARIANT",
+                   help="also print mean ΔDSC/ΔNSD and per-case wins/ties/losses of every variant against this one")
+    p.add_argument("--from-csv", type=Path, default=None, metavar="CSV",
+                   help="no inference: summarise rows of an earlier --out (also a partial one)")
     p.add_argument("--wide", action="store_true", help="print one column pair per variant instead of one row per variant")
     p.add_argument("--make-phantoms", type=Path, default=None, metavar="DIR",
                    help="write the synthetic 3D phantoms (small and large objects) to DIR/imgs, DIR/gts, then evaluate "
@@ -297,6 +343,15 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_phantoms(args.make_phantoms)
         print(f"evaluate: wrote {len(paths)} phantoms to {args.make_phantoms}", file=sys.stderr)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.from_csv:
+        rows = read_rows(args.from_csv)
+        found = list(dict.fromkeys(r["variant"] for r in rows))
+        variants = [v for v in variants if v in found] if args.variants != "default" else found
+        report(rows, variants, args)
+        return 0
+    if args.input is None or args.gts is None:
+        print("evaluate: error: -i CASES_DIR and --gts GTS_DIR are needed (unless --from-csv)", file=sys.stderr)
+        return 2
     try:
         for v in variants:
             parse_variant(v)
@@ -310,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     only = [s for s in args.only.split(",") if s]
     paths = sorted(p for p in args.input.glob("*.npz") if (args.gts / p.name).is_file()
                    and (not only or any(s in p.name for s in only)))
+    paths.sort(key=estimated_cost)  # cheap cases first: a run stopped early has the most cases
     if not paths:
         print(f"evaluate: error: no *.npz in {args.input} with a namesake in {args.gts}", file=sys.stderr)
         return 2
@@ -320,12 +376,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"evaluate: {len(paths)} cases × {len(variants)} variants, model {args.model} ({model.precision})",
           file=sys.stderr)
-    rows = evaluate(model, paths, args.gts, variants, args.block, args.max_slices)
+    rows = evaluate(model, paths, args.gts, variants, args.block, args.max_slices, rows_csv=args.out)
+    report(rows, variants, args)
+    return 0
+
+
+def report(rows: list[dict], variants: list[str], args: argparse.Namespace) -> None:
     summary = summaries(rows, variants)
     print(format_wide_table(summary) if args.wide else format_variant_table(summary))
-    if args.out:
-        write_rows(rows, args.out)
-    return 0
+    if args.baseline:
+        print()
+        print(compare([r for r in rows if r["variant"] in variants], args.baseline))
 
 
 if __name__ == "__main__":

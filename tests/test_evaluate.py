@@ -244,3 +244,17 @@ def test_caching_model_gives_the_models_label_maps(model):
     for spec in specs:
         infer.segment_case(cached, case, pipe=evaluate.parse_variant(spec))
     assert (cached.encoder_calls, cached.decoder_calls) == calls and cached.decoder_box_hits > 0
+
+
+def test_compare_counts_wins_and_from_csv_roundtrip(tmp_path, capsys):
+    rows = [dict(variant=v, case=f"c{k}", modality="US", dsc=d, nsd=d, seconds=0.0)
+            for v, ds in (("a", [0.5, 0.6, 0.7]), ("b", [0.6, 0.6, 0.65])) for k, d in enumerate(ds)]
+    table = evaluate.compare(rows, "a")
+    assert "| US | b | 3 | +0.0167 | +0.0167 | 1 / 1 / 1 |" in table
+    with open(tmp_path / "rows.csv", "w", newline="") as f:
+        import csv
+        w = csv.DictWriter(f, fieldnames=evaluate.ROW_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    assert evaluate.main(["--from-csv", str(tmp_path / "rows.csv"), "--baseline", "a"]) == 0
+    assert "1 / 1 / 1" in capsys.readouterr().out
