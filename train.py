@@ -592,13 +592,13 @@ def train_one_epoch(step: nn.Module, net: nn.Module, parts: dict, teacher: nn.Mo
         target = batch["mask"].to(device, torch.float32, non_blocking=True)[:, None]  # B×1×256×256
         boxes_256 = batch["box_256"].to(device, torch.float32, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            if teacher is not None:
+            unlabeled = (batch["labeled"].to(device) == 0).view(-1, 1, 1, 1)
+            if teacher is not None and (cfg.stage == 1 or bool(unlabeled.any())):
                 with torch.no_grad():
                     t_embedding = teacher.encode(image)
                     t_logits = teacher.decode(t_embedding, boxes_256)
-                if cfg.pseudo_label:  # unlabeled samples: the fp32 teacher's mask is the target
-                    unlabeled = (batch["labeled"].to(device) == 0).view(-1, 1, 1, 1)
-                    target = torch.where(unlabeled, (t_logits > 0).float(), target)
+                # unlabeled samples (--pseudo-label): the fp32 teacher's mask is the target
+                target = torch.where(unlabeled, (t_logits > 0).float(), target)
             embedding, logits = step(image, boxes_256)
             loss = losses.segmentation_loss(logits.float(), target)
             if cfg.stage == 1:

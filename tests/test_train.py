@@ -180,6 +180,62 @@ def test_evaluate_case_2d_and_3d_window(tmp_path, monkeypatch):
         assert math.isclose(row["dsc"], expect[0]) and math.isclose(row["nsd"], expect[1])
 
 
+class TinySAM(torch.nn.Module):
+    """A LiteMedSAM-shaped toy (same parts and encode/decode shapes, ~10 k parameters) to test the
+    training loop without the 10 M-parameter model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_encoder = torch.nn.Conv2d(3, 256, 4, stride=4)
+        self.prompt_encoder = torch.nn.Linear(4, 256)
+        self.mask_decoder = torch.nn.Conv2d(256, 16, 1)
+
+    def encode(self, image):
+        return self.image_encoder(image)
+
+    def decode(self, embedding, boxes_256):
+        x = embedding + self.prompt_encoder(boxes_256 / 256)[:, :, None, None]
+        return torch.nn.functional.pixel_shuffle(self.mask_decoder(x), 4)  # N×1×256×256
+
+
+@pytest.fixture(scope="module")
+def tiny_mixed(tmp_path_factory):
+    """2 labeled Endoscopy images + 1 unlabeled US image (no gts, no boxes)."""
+    root = tmp_path_factory.mktemp("mixed")
+    data.write_synthetic_set(root, n2d=2, n3d=0, seed=6, modalities_2d=("Endoscopy",))
+    (root / "unlabeled").mkdir()
+    np.savez_compressed(root / "unlabeled" / "2DBox_US_u_1.npz",
+                        imgs=np.random.default_rng(0).integers(0, 255, (90, 140, 3), np.uint8))
+    return root
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_train_one_epoch_updates_only_the_stage_parts(tiny_mixed, stage):
+    """Stage k trains exactly its parts (1: encoder, 2: decoder, 3: both; prompt encoder frozen);
+    with --pseudo-label the unlabeled samples join and the loss stays finite."""
+    tmp_path = tiny_mixed
+    cfg = train.parse_config(["--stage", str(stage), "--pseudo-label", "--batch-size", "2",
+                              "--lr", "0.1"])
+    torch.manual_seed(0)
+    net, teacher = TinySAM(), TinySAM().eval()
+    parts = train.set_trainable(net, stage, False)
+    ts = train.make_train_data(cfg, [str(f) for f in data.find_cases(tmp_path)], 0, 1)
+    idx = ts.epoch_indices(0, 0, cfg.seed)
+    assert any(i >= len(ts.labeled) for i in idx)
+    loader = torch.utils.data.DataLoader(ts, batch_size=2, sampler=idx)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = train.make_optimizer([p for p in net.parameters() if p.requires_grad], cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    loss, n, _ = train.train_one_epoch(train.StudentStep(net, parts["image_encoder"]), net, parts,
+                                       teacher, loader, opt, scaler, cfg, torch.device("cpu"), 0, 0,
+                                       False)
+    assert math.isfinite(loss) and loss > 0 and n == len(idx)
+    moved = {p: any(not torch.equal(before[k], v) for k, v in net.state_dict().items()
+                    if k.startswith(p)) for p in ("image_encoder", "prompt_encoder", "mask_decoder")}
+    assert moved == {"image_encoder": stage in (1, 3), "prompt_encoder": False,
+                     "mask_decoder": stage in (2, 3)}
+
+
 # ---- slow: real runs of the real model on a tiny synthetic set ----
 
 TINY = ["--batch-size", "1", "--max-steps", "1", "--calib-images", "1", "--eval-max-cases", "1",
