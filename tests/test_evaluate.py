@@ -51,13 +51,16 @@ def seg3d(model, vol, box6, name="3DBox_CT_t.npz", **knobs):
 
 
 # ---- one preprocessing function for training and inference ---------------------------------------------
-@pytest.mark.parametrize("table", [{}, {"Endoscopy": {"interp": "cubic", "norm_then_pad": False}}])
-def test_training_and_inference_share_preprocess_image(tmp_path, model, monkeypatch, table):
-    """Both paths call data.preprocess_image, and give bit-identical model inputs for the same image,
-    with the shipped table and with a per-modality entry changed in data.py only."""
-    monkeypatch.setattr(data, "PREPROCESS_BY_MODALITY", table)
-    case = data.make_synthetic_case("2D", (90, 140), 2, "Endoscopy", seed=3)
-    path = data.write_case(tmp_path / "2DBox_Endoscopy_t_0000.npz", case)
+@pytest.mark.parametrize("modality,table", [("Endoscopy", {}), ("Endoscopy", {"Endoscopy": {"interp": "cubic", "norm_then_pad": False}}),
+                                            ("US", None)])
+def test_training_and_inference_share_preprocess_image(tmp_path, model, monkeypatch, modality, table):
+    """Both paths call data.preprocess_image, and give bit-identical model inputs for the same image:
+    with an empty table, with a per-modality entry changed in data.py only, and with the shipped table."""
+    if table is not None:
+        monkeypatch.setattr(data, "PREPROCESS_BY_MODALITY", table)
+    table = data.PREPROCESS_BY_MODALITY
+    case = data.make_synthetic_case("2D", (90, 140), 2, modality, seed=3)
+    path = data.write_case(tmp_path / f"2DBox_{modality}_t_0000.npz", case)
     calls = []
     real = data.preprocess_image
 
@@ -67,13 +70,13 @@ def test_training_and_inference_share_preprocess_image(tmp_path, model, monkeypa
 
     monkeypatch.setattr(data, "preprocess_image", spy)
     train_image = data.SegmentationDataset(path, flip=False, bbox_shift=0)[0]["image"]
-    assert calls == ["Endoscopy"]
+    assert calls == [modality]
     rec = Recorder(model)
     infer.segment_case(rec, infer.load_case(path))
-    assert calls == ["Endoscopy", "Endoscopy"]
+    assert calls == [modality, modality]
     np.testing.assert_array_equal(rec.images[0][0], train_image)
     area = real(case["imgs"], interp="area", norm_then_pad=True)
-    assert np.array_equal(train_image, area) == (not table)  # the table entry reached both sides
+    assert np.array_equal(train_image, area) == (modality not in table)  # a table entry reaches both sides
 
 
 # ---- the 3D prompt modes ---------------------------------------------------------------------------------
