@@ -46,6 +46,8 @@ class Recorder:
 
 
 def seg3d(model, vol, box6, name="3DBox_CT_t.npz", **knobs):
+    """One 3D box; start slice "middle" unless given (CT's shipped default is "largest")."""
+    knobs.setdefault("start_slice", "middle")
     case = infer.repair_case(name, vol, np.asarray(box6)[None])
     return infer.segment_case(model, case, pipe=infer.Pipeline(**knobs))
 
