@@ -46,8 +46,9 @@ class Recorder:
 
 
 def seg3d(model, vol, box6, name="3DBox_CT_t.npz", **knobs):
-    """One 3D box; start slice "middle" unless given (CT's shipped default is "largest")."""
+    """One 3D box; start slice "middle" and no propagation margin unless given (not the shipped tables)."""
     knobs.setdefault("start_slice", "middle")
+    knobs.setdefault("margin_px", 0.0)
     case = infer.repair_case(name, vol, np.asarray(box6)[None])
     return infer.segment_case(model, case, pipe=infer.Pipeline(**knobs))
 
