@@ -188,7 +188,7 @@ def calibration_batch(calib_data: str | os.PathLike, k: int,
             else:
                 img2d = imgs
             hw = img2d.shape[:2]
-            images.append(data.preprocess_image(img2d))
+            images.append(data.preprocess_image(img2d, modality=data.modality_of(path)))  # as at inference
             boxes.append(data.boxes_to_256(bx[:16], hw))  # ≤ 16 boxes: enough statistics, bounded time
     return torch.from_numpy(np.stack(images)), [torch.from_numpy(b) for b in boxes]
 

@@ -510,11 +510,14 @@ class PseudoLabelSet:
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, int(index), 1])
-        img, _ = self.index.slice(*self.index.locate(int(index)))
+        file_index, z = self.index.locate(int(index))
+        img, _ = self.index.slice(file_index, z)
         nh, nw = data.resized_shape(img.shape[:2])
         w, h = rng.uniform(0.1, 0.6) * nw, rng.uniform(0.1, 0.6) * nh
         x0, y0 = rng.uniform(0, nw - w), rng.uniform(0, nh - h)
-        return {"image": data.preprocess_image(img), "box_256": np.float32([x0, y0, x0 + w, y0 + h]),
+        # the modality's preprocessing (data.PREPROCESS_BY_MODALITY), as at inference
+        image = data.preprocess_image(img, modality=self.index.modality[file_index])
+        return {"image": image, "box_256": np.float32([x0, y0, x0 + w, y0 + h]),
                 "mask": np.zeros((data.IMAGE_SIZE, data.IMAGE_SIZE), np.uint8), "labeled": 0}
 
 
