@@ -1045,8 +1045,9 @@ def make_synthetic_case(kind: str = "2D", shape: Sequence[int] | None = None, n_
     return {"imgs": imgs, "boxes": boxes, "gts": gts, "spacing": spacing}
 
 
-def _atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    """np.savez_compressed to a temporary file in the same folder, then os.replace (never a torn npz)."""
+def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """np.savez_compressed to a temporary file in the same folder (named `.<name>.*.tmp`, not *.npz, so no
+    evaluator picks it up), then os.replace: readers see the old file or the whole new one, never a torn npz."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -1064,7 +1065,7 @@ def _atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 def write_case(path: str | os.PathLike, case: dict, with_gts: bool = True) -> Path:
     """Write a case dict (imgs, boxes, spacing[, gts]) as a challenge npz, atomically."""
     keys = ["imgs", "boxes", "spacing"] + (["gts"] if with_gts else [])
-    _atomic_savez(path, **{k: case[k] for k in keys if k in case})
+    save_npz_atomic(path, **{k: case[k] for k in keys if k in case})
     return Path(path)
 
 
@@ -1079,7 +1080,7 @@ def write_challenge_case(out_dir: str | os.PathLike, name: str, case: dict) -> P
     """Challenge layout: `<out>/imgs/<name>` (imgs, boxes, spacing) and `<out>/gts/<name>` (gts, spacing)."""
     out_dir = Path(out_dir)
     write_case(out_dir / "imgs" / name, case, with_gts=False)
-    _atomic_savez(out_dir / "gts" / name, gts=case["gts"], spacing=case["spacing"])
+    save_npz_atomic(out_dir / "gts" / name, gts=case["gts"], spacing=case["spacing"])
     return out_dir / "imgs" / name
 
 

@@ -53,34 +53,6 @@ def say(*msg) -> None:
     print("export.py:", *msg, file=sys.stderr, flush=True)
 
 
-# ---- thin export wrappers ---------------------------------------------------------------------------
-# model.py is meant to provide EncoderGraph / DecoderGraph; until it does, these minimal private ones
-# stand in (forward takes exactly the graph's inputs and returns exactly its output).
-
-class _EncoderGraph(nn.Module):
-    """image B×3×256×256 → image_embedding B×256×64×64."""
-
-    def __init__(self, net: model_lib.LiteMedSAM) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net.encode(image)
-
-
-class _DecoderGraph(nn.Module):
-    """image_embedding 1×256×64×64, boxes N×4 (256-pixel space) → low_res_logits N×1×256×256."""
-
-    def __init__(self, net: model_lib.LiteMedSAM) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, image_embedding: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return self.net.decode(image_embedding, boxes)
-
-
-EncoderGraph = getattr(model_lib, "EncoderGraph", _EncoderGraph)
-DecoderGraph = getattr(model_lib, "DecoderGraph", _DecoderGraph)
 
 
 # ---- models ------------------------------------------------------------------------------------------
@@ -326,9 +298,9 @@ def export_model(net: model_lib.LiteMedSAM, out_dir: str | os.PathLike, info: di
     try:
         ex = example_inputs()
         parts = {
-            "encoder": (EncoderGraph(net), ex["encoder"], ENCODER_INPUTS, ENCODER_OUTPUTS,
+            "encoder": (model_lib.EncoderGraph(net), ex["encoder"], ENCODER_INPUTS, ENCODER_OUTPUTS,
                         {"image": {0: "batch"}, "image_embedding": {0: "batch"}}),
-            "decoder": (DecoderGraph(net), ex["decoder"], DECODER_INPUTS, DECODER_OUTPUTS,
+            "decoder": (model_lib.DecoderGraph(net), ex["decoder"], DECODER_INPUTS, DECODER_OUTPUTS,
                         {"boxes": {0: "num_boxes"}, "low_res_logits": {0: "num_boxes"}}),
         }
         for name, (graph, args, ins, outs, dyn) in parts.items():

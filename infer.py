@@ -574,23 +574,6 @@ def segment_case(model, case: Case, block: int = DEFAULT_BLOCK, prompt_3d: str |
 
 
 # ---- files -------------------------------------------------------------------------------------------
-def save_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez_compressed to a temporary file beside `path` (not *.npz, so no evaluator picks it up),
-    then os.replace: readers see the old file or the whole new one, never a truncated one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600: the evaluator may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def read_times(path: Path | None) -> dict[str, float]:
     if not path or not path.is_file():
         return {}
@@ -740,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             if case.notes:
                 say(f"infer: {path.name}: warning: " + "; ".join(case.notes))
             segs = segment_case(model, case, args.block, pipe=args.pipe)
-            save_atomic(out_dir / path.name, segs=segs)
+            data.save_npz_atomic(out_dir / path.name, segs=segs)
             times[path.name] = time.perf_counter() - t0
         except CaseError as e:
             say(f"infer: {path.name}: error: {e}: skipped")

@@ -17,7 +17,6 @@ import importlib.metadata
 import itertools
 import math
 import pathlib
-import sys
 from typing import Iterable, Sequence
 
 import torch
