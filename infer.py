@@ -771,6 +771,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             say(f"infer: error: --gts {args.gts}: {type(e).__name__}: {e}")
             return 2
+        for row in rows:  # per-case seconds (load → save) of this run, or of the run that made the output
+            if row["case"] in times:
+                row["time_s"] = times[row["case"]]
         print(metrics.format_table(rows, metrics.summarise(rows)))
     return 1 if failed else 0
 

@@ -317,12 +317,15 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 def format_table(rows: list[dict] | None = None, summary: dict[str, dict[str, float]] | None = None
                  ) -> str:
-    """Plain-text table of per-case rows and/or a per-modality summary."""
+    """Plain-text table of per-case rows (with a `time s` column when rows carry "time_s") and/or a
+    per-modality summary."""
     lines = []
     if rows:
         width = max(len("case"), *(len(r["case"]) for r in rows))
-        lines.append(f"{'case':<{width}}  {'modality':<12} {'DSC':>7} {'NSD':>7}")
-        lines += [f"{r['case']:<{width}}  {r['modality']:<12} {r['dsc']:7.4f} {r['nsd']:7.4f}" for r in rows]
+        timed = all("time_s" in r for r in rows)
+        lines.append(f"{'case':<{width}}  {'modality':<12} {'DSC':>7} {'NSD':>7}" + (f" {'time s':>8}" if timed else ""))
+        lines += [f"{r['case']:<{width}}  {r['modality']:<12} {r['dsc']:7.4f} {r['nsd']:7.4f}"
+                  + (f" {r['time_s']:8.2f}" if timed else "") for r in rows]
     if summary:
         if lines:
             lines.append("")
