@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_index import proc_status_mb
+
 REPO = Path(__file__).resolve().parent
 ROWS = {
     "a": ("torch", "fp32", "f32", "fp32 PyTorch (baseline path)"),
@@ -70,12 +72,8 @@ class TorchModel:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM), MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """This process's peak resident set (VmHWM), MiB."""
+    return proc_status_mb("VmHWM")
 
 
 def _median_ms(fn, repeats: int) -> float:

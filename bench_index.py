@@ -26,13 +26,18 @@ import data
 MODALITIES = ("CT", "MR", "PET")
 
 
-def rss_mb() -> float:
-    """Current resident set size of this process (MiB), from /proc."""
+def proc_status_mb(field: str = "VmRSS") -> float:
+    """A memory field of this process's /proc/self/status in MiB (VmRSS: current, VmHWM: peak)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process (MiB)."""
+    return proc_status_mb("VmRSS")
 
 
 def peak_rss_mb() -> float:
