@@ -11,6 +11,7 @@ boxes_256 N×4 (x0, y0, x1, y1) in the 256-pixel model space → low_res_logits 
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import importlib.metadata
@@ -351,7 +352,7 @@ class RandomFourierPE(nn.Module):
 
 
 class PromptEncoder(nn.Module):
-    """Box prompts → sparse N×2×D (two corner tokens) and dense N×D×h×w (the learned no-mask
+    """Box prompts → sparse N×2×D (two corner tokens) and dense 1×D×h×w (the learned no-mask
     embedding). `point_embeddings[0..1]`, `not_a_point_embed` and `mask_downscaling` are unused by
     box prompting but kept so the published state dict loads strictly."""
 
@@ -384,8 +385,9 @@ class PromptEncoder(nn.Module):
 
     def forward(self, boxes_256: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sparse = self.embed_boxes(boxes_256)
+        # box prompts never change the dense prompt: one 1×D×h×w map that broadcasts to every box
         dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-            sparse.shape[0], -1, *self.image_embedding_size)
+            1, -1, *self.image_embedding_size)
         return sparse, dense
 
 
@@ -470,8 +472,8 @@ class TwoWayAttentionBlock(nn.Module):
 
 
 class TwoWayTransformer(nn.Module):
-    """image_embedding B×D×h×w, image_pe B×D×h×w, point_embedding B×Nt×D →
-    (tokens B×Nt×D, image tokens B×hw×D)."""
+    """image_embedding 1×D×h×w or B×D×h×w, image_pe 1×D×h×w, point_embedding B×Nt×D →
+    (tokens B×Nt×D, image tokens B×hw×D); a single image map is broadcast over the B token sets."""
 
     def __init__(self, depth: int = 2, embedding_dim: int = 256, num_heads: int = 8,
                  mlp_dim: int = 2048, attention_downsample_rate: int = 2) -> None:
@@ -511,7 +513,7 @@ class MLP(nn.Module):
 
 
 class MaskDecoder(nn.Module):
-    """SAM mask decoder. image_embedding N×D×h×w (already + dense prompt), image_pe 1×D×h×w,
+    """SAM mask decoder. image_embedding 1×D×h×w or N×D×h×w (already + dense prompt), image_pe 1×D×h×w,
     sparse prompt N×Nt×D → masks N×M×4h×4w, iou_pred N×M (M = 1, or 3 with multimask_output)."""
 
     def __init__(self, transformer_dim: int = 256, num_multimask_outputs: int = 3,
@@ -537,14 +539,16 @@ class MaskDecoder(nn.Module):
         n = sparse.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
-        b, c, h, w = src.shape
-        hs, keys = self.transformer(src, image_pe.expand(n, -1, -1, -1), tokens)
-        upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
+        # src may be one map for all n boxes (inference) or one per box (training): the image side
+        # of the first transformer layer is box-independent, so it is computed once and broadcast
+        _, c, h, w = src.shape
+        hs, keys = self.transformer(src, image_pe, tokens)
+        upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
         # single-mask mode needs only mask token 0's hypernetwork (same output, less work)
         heads = range(1, self.num_mask_tokens) if multimask_output else range(1)
         hyper = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in heads], 1)
         _, cu, hu, wu = upscaled.shape
-        masks = (hyper @ upscaled.reshape(b, cu, hu * wu)).reshape(b, -1, hu, wu)
+        masks = (hyper @ upscaled.reshape(n, cu, hu * wu)).reshape(n, -1, hu, wu)
         iou_pred = self.iou_prediction_head(hs[:, 0])
         iou_pred = iou_pred[:, 1:] if multimask_output else iou_pred[:, :1]
         return masks, iou_pred
@@ -574,7 +578,7 @@ class LiteMedSAM(nn.Module):
         """image_embedding 1×256×64×64 (or N×…), boxes_256 N×4 → (low_res_logits N×M×256×256,
         iou_pred N×M), M = 1 (or 3 with multimask_output). The embedding is broadcast to N."""
         sparse, dense = self.prompt_encoder(boxes_256)
-        src = image_embedding + dense  # 1×… + N×… broadcasts to N boxes
+        src = image_embedding + dense  # stays 1×… for one image: the decoder broadcasts it
         return self.mask_decoder(src, self.prompt_encoder.dense_pe(), sparse, multimask_output)
 
     def decode(self, image_embedding: torch.Tensor, boxes_256: torch.Tensor) -> torch.Tensor:
@@ -709,16 +713,21 @@ def default_calibration_boxes(n: int = 6) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate(model: LiteMedSAM, images: torch.Tensor | Sequence[torch.Tensor],
-              boxes_256: Sequence[torch.Tensor] | None = None) -> LiteMedSAM:
-    """Initialise every activation scale from statistics of a few images (Brevitas calibration
-    mode: float forward passes collecting percentile statistics, then frozen into the learned
-    scales). images: K×3×256×256 (or a list of 3×256×256 / 1×3×256×256); boxes_256: one N_i×4
-    per image, or None for `default_calibration_boxes()`. Returns the model in eval mode."""
+              boxes_256: Sequence[torch.Tensor] | None = None,
+              parts: Sequence[str] = ("image_encoder", "mask_decoder")) -> LiteMedSAM:
+    """Initialise the activation scales of `parts` from statistics of a few images (Brevitas
+    calibration mode: forward passes collecting percentile statistics, then frozen into the learned
+    scales). Quantizers outside `parts` keep their scales and quantize during these passes, so a
+    part calibrated after another (stage 2's decoder on the stage-1 encoder) sees the int8 inputs it
+    will get. images: K×3×256×256 (or a list of 3×256×256 / 1×3×256×256); boxes_256: one N_i×4 per
+    image, or None for `default_calibration_boxes()`. Returns the model in eval mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     images = [im.reshape(1, 3, IMAGE_SIZE, IMAGE_SIZE) for im in images]
-    with calibration_mode(model):
+    with contextlib.ExitStack() as stack:
+        for part in parts:
+            stack.enter_context(calibration_mode(getattr(model, part)))
         for i, image in enumerate(images):
             boxes = default_calibration_boxes() if boxes_256 is None else boxes_256[i]
             model(image.to(device), torch.as_tensor(boxes, dtype=torch.float32, device=device))

@@ -292,17 +292,12 @@ def build_student(cfg: argparse.Namespace, source: str | dict, calib_batch
                                 quant_decoder=have["decoder"])
     new_enc, new_dec = want_enc and not have["encoder"], want_dec and not have["decoder"]
     if new_enc or new_dec:
-        # calibrate() re-initialises every activation scale in the model; keep the learned ones of
-        # parts quantized earlier (stage 2: the stage-1 encoder) and put them back afterwards
-        keep = [p for p, was_q in (("image_encoder", have["encoder"]), ("mask_decoder", have["decoder"]))
-                if was_q]
-        kept = {p: {k: v.clone() for k, v in getattr(net, p).state_dict().items()} for p in keep}
         float_layers = have.get("float_layers") or model_lib.FLOAT_LAYERS_DEFAULT
         model_lib.quantize_(net, encoder=new_enc, decoder=new_dec, float_layers=float_layers)
         images, boxes_256 = calib_batch()
-        model_lib.calibrate(net, images, boxes_256[:, None])  # one 1×4 box per image
-        for p, state in kept.items():
-            getattr(net, p).load_state_dict(state)
+        new_parts = [p for p, new in (("image_encoder", new_enc), ("mask_decoder", new_dec)) if new]
+        # one 1×4 box per image; parts quantized earlier keep their learned scales
+        model_lib.calibrate(net, images, boxes_256[:, None], parts=new_parts)
     quant = dict(getattr(net, "quant_config", None) or {})
     quant["encoder"] = bool(quant.get("encoder", have["encoder"] or new_enc))
     quant["decoder"] = bool(quant.get("decoder", have["decoder"] or new_dec))

@@ -232,6 +232,25 @@ def test_quant_state_dict_round_trip_is_exact(quant_model, tmp_path):
         assert torch.equal(rebuilt(image, boxes_256), quant_model(image, boxes_256))
 
 
+@pytest.mark.slow
+def test_calibrating_one_part_keeps_the_other_parts_scales():
+    """Stage 2: the decoder is quantized on top of an already calibrated (trained) encoder;
+    calibrate(parts=["mask_decoder"]) sets the decoder's scales and leaves the encoder's
+    state bit-identical (a whole-model calibration would rescale its finished quantizers)."""
+    (image, boxes_256), (image2, boxes2) = _cases(seed=300, n_images=2)
+    m = model.build_model("published", quant_encoder=True)
+    model.calibrate(m, [image], [boxes_256], parts=["image_encoder"])
+    encoder_before = {k: v.clone() for k, v in m.image_encoder.state_dict().items()}
+    model.quantize_(m, encoder=False, decoder=True, float_layers=m.quant_config["float_layers"])
+    model.calibrate(m, [image2], [boxes2], parts=["mask_decoder"])
+    assert all(torch.equal(v, m.image_encoder.state_dict()[k]) for k, v in encoder_before.items())
+    scales = [p for n, p in m.mask_decoder.named_parameters() if n.endswith("scaling_impl.value")
+              and not n.startswith(("output_hypernetworks_mlps.1.", "output_hypernetworks_mlps.2.",
+                                    "output_hypernetworks_mlps.3."))]  # unused: single-mask output
+    assert scales and all(float(s) != 1.0 for s in scales), "decoder scales left at their init"
+    model.save_model_state(m)  # every quantizer counts as calibrated
+
+
 def test_uncalibrated_quant_model_cannot_be_saved():
     m = model.build_model(None, quant_encoder=False, quant_decoder=True)
     with pytest.raises(ValueError, match="never calibrated"):
