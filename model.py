@@ -352,8 +352,8 @@ class RandomFourierPE(nn.Module):
 
 
 class PromptEncoder(nn.Module):
-    """Box prompts → sparse N×2×D (two corner tokens) and dense 1×D×h×w (the learned no-mask
-    embedding). `point_embeddings[0..1]`, `not_a_point_embed` and `mask_downscaling` are unused by
+    """Box prompts → sparse N×2×D (two corner tokens) and dense 1×D×1×1 (the learned no-mask
+    embedding, broadcast over the h×w map). `point_embeddings[0..1]`, `not_a_point_embed` and `mask_downscaling` are unused by
     box prompting but kept so the published state dict loads strictly."""
 
     def __init__(self, embed_dim: int = 256, image_embedding_size: tuple[int, int] = (64, 64),
@@ -385,10 +385,9 @@ class PromptEncoder(nn.Module):
 
     def forward(self, boxes_256: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sparse = self.embed_boxes(boxes_256)
-        # box prompts never change the dense prompt: one 1×D×h×w map that broadcasts to every box
-        dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-            1, -1, *self.image_embedding_size)
-        return sparse, dense
+        # box prompts never change the dense prompt: the learned no-mask vector, 1×D×1×1, broadcast
+        # over the map and every box (not materialised: it would be a 4 MB constant in the graph)
+        return sparse, self.no_mask_embed.weight.reshape(1, -1, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------
