@@ -34,6 +34,8 @@ from it): {"model": state_dict (incl. Brevitas scales), "quant": {"encoder": boo
 state_dict|None, "epoch": last finished epoch (0-based), "lr": LR used in that epoch, "schedule":
 {"base_lr", "warmup_epochs", "anneal_epochs"}, "config": all settings, "stage": int,
 "metrics": that epoch's eval summary, "best_metric": best mean DSC so far, "best_epoch": int}.
+With --eval-start the start model competes too: it is saved as best.pth (epoch -1) first, and an epoch
+replaces it only with a higher eval DSC.
 """
 from __future__ import annotations
 
@@ -719,7 +721,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start_epoch, best_metric, best_epoch, summary = 0, -math.inf, -1, {}
+    start_epoch, best_metric, best_epoch, summary = 0, -math.inf, None, {}
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler") and use_amp:
@@ -738,9 +740,14 @@ def main(argv: list[str] | None = None) -> dict:
     elif eval_files and cfg.eval_start:  # the start model's score: "before QAT" for this stage
         summary = evaluate(net, eval_files, cfg, device, rank, world)
         log(rank, f"start model: eval DSC {summary['dsc']:.4f} NSD {summary['nsd']:.4f}")
+        # the start model competes for best.pth: an epoch must beat it (a short QAT run on a small
+        # set can lose to plain calibration, and the next stage should then start from the better)
+        best_metric, best_epoch = summary["dsc"], -1
         if rank == 0:
             append_csv(csv_path, {"epoch": -1, "stage": cfg.stage, "lr": "", "train_loss": "",
                                   "train_samples": 0, "train_time_s": 0, **prefixed(summary)})
+            save_atomic(checkpoint_dict(net, optimizer, scaler, -1, 0.0, cfg, summary, best_metric, -1),
+                        best_path)
 
     max_samples = cfg.max_steps * cfg.batch_size if cfg.max_steps > 0 else 0
     for epoch in range(start_epoch, cfg.epochs):
@@ -759,7 +766,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                         scaler, cfg, device, rank, epoch, use_amp)
         summary = evaluate(net, eval_files, cfg, device, rank, world) if eval_files else {
             "dsc": float("nan"), "nsd": float("nan"), "n": 0}
-        is_best = summary["dsc"] > best_metric or best_epoch < 0
+        is_best = summary["dsc"] > best_metric or best_epoch is None
         if is_best:
             best_metric, best_epoch = summary["dsc"], epoch
         log(rank, f"epoch {epoch}: lr {lr_now:.3g} loss {train_loss:.4f} ({n_samples} samples, "

@@ -295,15 +295,20 @@ def test_three_stages_smoke(chain):
         # the checkpoint rebuilds through model.py with the same quantized structure, strictly
         net = train.model_lib.build_model(str(d / "best.pth"))
         assert net.quant_config["encoder"] == expect_quant[k][0]
-    # stage 1 scored its start model (row -1: the calibrated quantized LiteMedSAM)
-    assert rows_of(chain / "stage1")[0]["epoch"] == "-1"
+    # stage 1 scored its start model (row -1: the calibrated quantized LiteMedSAM), which competes
+    # for best.pth: best is the highest eval DSC over the start and every epoch
+    rows1 = rows_of(chain / "stage1")
+    assert rows1[0]["epoch"] == "-1"
+    best1 = torch.load(chain / "stage1" / "best.pth", map_location="cpu", weights_only=False)
+    dscs1 = [float(r["eval_dsc"]) for r in rows1]
+    assert best1["best_epoch"] == best1["epoch"] == int(rows1[int(np.argmax(dscs1))]["epoch"])
+    assert math.isclose(best1["best_metric"], max(dscs1), rel_tol=1e-9)
     # stage 2: best.pth is the epoch with the highest eval DSC
     dscs = [float(r["eval_dsc"]) for r in rows_of(chain / "stage2")]
     best2 = torch.load(chain / "stage2" / "best.pth", map_location="cpu", weights_only=False)
     assert best2["best_epoch"] == best2["epoch"] == int(np.argmax(dscs))
     assert math.isclose(best2["metrics"]["dsc"], max(dscs), rel_tol=1e-9)
     # stage 2 started from stage 1's best and kept its encoder frozen (bit-identical weights)
-    best1 = torch.load(chain / "stage1" / "best.pth", map_location="cpu", weights_only=False)
     enc = [k for k in best1["model"] if k.startswith("image_encoder.")]
     assert enc and all(torch.equal(best1["model"][k], best2["model"][k]) for k in enc)
     assert best2["config"]["init"] is None  # the default chain, not an explicit --init
