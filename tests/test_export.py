@@ -314,9 +314,13 @@ def step_stats(diff: np.ndarray, scale: float) -> dict[str, float]:
 # step as one layer does in brevitas' own tests. Export bugs (a wrong scale, a missing Q/DQ) are
 # checked exactly by the scale/count test above.
 # Measured (synthetic 7-object case): embedding mean 1.1 / p99.9 7.3 steps (ORT and OpenVINO);
-# logits mean 0.13 (ORT) / 2.6 (OpenVINO), p99.9 1.4 / 30 steps.
+# logits mean 0.13 (ORT) / 2.6 (OpenVINO), p99.9 1.4 / 30 steps with the first decoder graph; since
+# the decoder computes the box-independent image side once and broadcasts it, ORT's fusions order the
+# float sums differently: N=1/7 mean 7.1/6.6 steps (ORT; OpenVINO unchanged at 0.015/2.6), and the
+# session-1 graph gives 10.8 (new 9.2) under ORT on the QAT model with a random image, so the mean
+# logit error is flip noise of this size either way. The mask IoU (≥ 0.99) is the user-facing bound; the mean bound catches gross errors.
 EMB_STEPS = {"mean": 3.0, "p999": 20.0}
-LOGIT_STEPS = {"mean": 6.0, "p999": 60.0}
+LOGIT_STEPS = {"mean": 15.0, "p999": 60.0}
 # OpenVINO's decoder differs from the fake-quant torch more than ONNX Runtime does (dev-set nuclei:
 # mean 0.11 vs 0.025 logits; likely its int8 MHA "Subgraph" kernels, 7 in the compiled decoder).
 MIN_IOU = 0.99
