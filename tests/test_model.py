@@ -121,7 +121,7 @@ def test_fp32_matches_live_reference(fp32_model):
 # ----------------------------------------------------------------------------------------------
 
 IOU_MIN = 0.95  # the issue's bound: mean mask IoU, quantized (calibrated, no training) vs fp32
-IOU_REGRESSION_MIN = 0.90  # what FLOAT_LAYERS_DEFAULT measurably reaches now (0.944 here)
+IOU_REGRESSION_MIN = 0.90  # what FLOAT_LAYERS_DEFAULT measurably reaches now (0.936 here)
 
 
 def _cases(seed: int, n_images: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -178,7 +178,9 @@ def test_calibrated_quant_masks_do_not_regress(quant_vs_fp32_ious):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue 3 target not met by calibration alone: measured "
-                   "0.944 here, 0.908 on synthetic + devset slices; remove this mark when it passes")
+                   "0.936 here (0.944 without bias correction; percentile 99.99, MSE scales, "
+                   "SmoothQuant LayerNorm folding, 6 calibration images: 0.930-0.942), 0.954 on 12 "
+                   "devset slices (0.909 without); remove this mark when it passes")
 def test_calibrated_quant_masks_meet_issue_target(quant_vs_fp32_ious):
     assert quant_vs_fp32_ious.mean() >= IOU_MIN
 
@@ -249,6 +251,23 @@ def test_calibrating_one_part_keeps_the_other_parts_scales():
                                     "output_hypernetworks_mlps.3."))]  # unused: single-mask output
     assert scales and all(float(s) != 1.0 for s in scales), "decoder scales left at their init"
     model.save_model_state(m)  # every quantizer counts as calibrated
+
+
+def test_bias_correction_shifts_quantized_biases_only():
+    """calibrate's bias-correction pass moves the float biases of the calibrated part's quantized
+    layers (toward the fp32 output means), leaves everything else and the state-dict keys as they
+    were (bias-less layers get no new bias, so checkpoints keep loading strictly)."""
+    image, boxes_256 = _cases(seed=400, n_images=1)[0]
+    states = []
+    for bias_correction in (False, True):
+        m = model.build_model("published", quant_decoder=True)
+        model.calibrate(m, [image], [boxes_256], bias_correction=bias_correction)
+        states.append(m.state_dict())
+    plain, corrected = states
+    assert plain.keys() == corrected.keys()
+    moved = [k for k in plain if not torch.equal(plain[k], corrected[k])]
+    assert moved, "bias correction changed nothing"
+    assert all(k.startswith("mask_decoder.") and k.endswith(".bias") for k in moved), moved[:5]
 
 
 def test_uncalibrated_quant_model_cannot_be_saved():
