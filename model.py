@@ -353,8 +353,9 @@ class RandomFourierPE(nn.Module):
 
 class PromptEncoder(nn.Module):
     """Box prompts → sparse N×2×D (two corner tokens) and dense 1×D×1×1 (the learned no-mask
-    embedding, broadcast over the h×w map). `point_embeddings[0..1]`, `not_a_point_embed` and `mask_downscaling` are unused by
-    box prompting but kept so the published state dict loads strictly."""
+    embedding, broadcast over the h×w map). `point_embeddings[0..1]`, `not_a_point_embed` and
+    `mask_downscaling` are unused by box prompting but kept so the published state dict loads
+    strictly."""
 
     def __init__(self, embed_dim: int = 256, image_embedding_size: tuple[int, int] = (64, 64),
                  input_image_size: tuple[int, int] = (256, 256), mask_in_chans: int = 16) -> None:
@@ -512,8 +513,8 @@ class MLP(nn.Module):
 
 
 class MaskDecoder(nn.Module):
-    """SAM mask decoder. image_embedding 1×D×h×w or N×D×h×w (already + dense prompt), image_pe 1×D×h×w,
-    sparse prompt N×Nt×D → masks N×M×4h×4w, iou_pred N×M (M = 1, or 3 with multimask_output)."""
+    """SAM mask decoder. image_embedding 1×D×h×w or N×D×h×w (already + dense prompt), image_pe
+    1×D×h×w, sparse prompt N×Nt×D → masks N×M×4h×4w, iou_pred N×M (M = 1, or 3 with multimask_output)."""
 
     def __init__(self, transformer_dim: int = 256, num_multimask_outputs: int = 3,
                  iou_head_depth: int = 3, iou_head_hidden_dim: int = 256, depth: int = 2,
