@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_index import proc_status_mb
+from bench_index import peak_rss_mb
 
 REPO = Path(__file__).resolve().parent
 ROWS = {
@@ -39,41 +39,6 @@ ROWS = {
     "d'": ("openvino", "int8", "bf16", "OpenVINO int8 IR, bf16 rest"),
     "e": ("onnxruntime", "int8", "f32", "ONNX Runtime int8 QCDQ"),
 }
-
-
-class TorchModel:
-    """The fp32 PyTorch LiteMedSAM behind infer.py's model contract (numpy in, numpy out)."""
-
-    def __init__(self, checkpoint: str = "published", threads: int | None = None):
-        import torch
-        import model as lm
-
-        if threads:
-            torch.set_num_threads(threads)
-        self._torch = torch
-        self.net = lm.build_model(checkpoint=checkpoint).eval()
-        self.precision = "f32"
-        self.encoder_calls = 0
-        self.decoder_calls = 0
-
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        """image B×3×256×256 float32 → image_embedding B×256×64×64."""
-        self.encoder_calls += 1
-        with self._torch.inference_mode():
-            return self.net.encode(self._torch.from_numpy(np.ascontiguousarray(image))).numpy()
-
-    def decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
-        """image_embedding 1×256×64×64, boxes_256 N×4 → low_res_logits N×1×256×256."""
-        self.decoder_calls += 1
-        with self._torch.inference_mode():
-            emb = self._torch.from_numpy(np.ascontiguousarray(image_embedding))
-            boxes = self._torch.from_numpy(np.ascontiguousarray(boxes_256, np.float32))
-            return self.net.decode(emb, boxes).numpy()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM), MiB."""
-    return proc_status_mb("VmHWM")
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -95,7 +60,12 @@ def run_row(row: str, model_dirs: dict[str, Path], sets: list[tuple[Path, Path |
     backend, weights, precision, _ = ROWS[row]
     t0 = time.perf_counter()
     if backend == "torch":
-        net = TorchModel(threads=threads)
+        import torch
+        import model as lm
+
+        if threads:
+            torch.set_num_threads(threads)
+        net = lm.PipelineModel(lm.build_model("published"))
     else:
         net = infer.load_model(model_dirs[weights], backend, precision, threads, infer.DEFAULT_CACHE_DIR)
     load_s = time.perf_counter() - t0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import tempfile
@@ -41,7 +40,9 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process (MiB): VmHWM, not getrusage's ru_maxrss, which on Linux
+    also carries the forking parent's RSS (see bench_memory.py)."""
+    return proc_status_mb("VmHWM")
 
 
 def write_tree(root: Path, n_files: int, depth_range: tuple[int, int], side: int, seed: int) -> int:

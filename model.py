@@ -20,6 +20,7 @@ import math
 import pathlib
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -820,6 +821,35 @@ def build_model(checkpoint: str | pathlib.Path | dict | None = "published",
 # ----------------------------------------------------------------------------------------------
 # Export wrappers: forward takes exactly the graph's inputs, returns exactly its outputs
 # ----------------------------------------------------------------------------------------------
+
+class PipelineModel:
+    """infer.py's model interface (numpy in, numpy out) over a torch LiteMedSAM, so that training's
+    evaluation and bench.py's baseline row run infer.segment_case itself: the same preprocessing, box
+    mapping, mask upsampling and 3D prompting as the challenge entrypoint. Counts calls like infer's
+    models do."""
+
+    precision = "f32"
+
+    def __init__(self, net: LiteMedSAM, device: torch.device | str = "cpu") -> None:
+        self.net, self.device = net, torch.device(device)
+        self.encoder_calls = 0
+        self.decoder_calls = 0
+
+    @torch.no_grad()
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """image B×3×256×256 float32 (numpy) → image_embedding B×256×64×64 (numpy)."""
+        self.encoder_calls += 1
+        image = torch.from_numpy(np.ascontiguousarray(image, np.float32)).to(self.device)
+        return self.net.encode(image).float().cpu().numpy()
+
+    @torch.no_grad()
+    def decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
+        """image_embedding 1×256×64×64, boxes_256 N×4 (numpy) → low_res_logits N×1×256×256 (numpy)."""
+        self.decoder_calls += 1
+        embedding = torch.from_numpy(np.ascontiguousarray(image_embedding, np.float32)).to(self.device)
+        boxes = torch.from_numpy(np.ascontiguousarray(boxes_256, np.float32)).to(self.device)
+        return self.net.decode(embedding, boxes).float().cpu().numpy()
+
 
 class EncoderGraph(nn.Module):
     """image 1×3×256×256 → image_embedding 1×256×64×64."""

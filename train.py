@@ -404,28 +404,6 @@ def slice_window(depth: int, boxes: np.ndarray, max_slices: int) -> tuple[int, i
     return start, start + max_slices
 
 
-class PipelineModel:
-    """infer.py's model interface (numpy in, numpy out) over a torch LiteMedSAM, so that evaluation
-    runs infer.segment_case itself: the same preprocessing, box mapping, mask upsampling and 3D
-    prompting as the challenge entrypoint, per-modality defaults included."""
-
-    def __init__(self, net: nn.Module, device: torch.device) -> None:
-        self.net, self.device = net, device
-
-    @torch.no_grad()
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        """image B×3×256×256 float32 → image_embedding B×256×64×64."""
-        return self.net.encode(torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-                               ).float().cpu().numpy()
-
-    @torch.no_grad()
-    def decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
-        """image_embedding 1×256×64×64, boxes_256 N×4 → low_res_logits N×1×256×256."""
-        embedding = torch.from_numpy(np.ascontiguousarray(image_embedding)).to(self.device)
-        boxes = torch.from_numpy(np.ascontiguousarray(boxes_256, np.float32)).to(self.device)
-        return self.net.decode(embedding, boxes).float().cpu().numpy()
-
-
 def window_case(name: str, imgs: np.ndarray, boxes: np.ndarray, z_lo: int, z_hi: int):
     """A 3D case cut to slices [z_lo, z_hi) as an infer.Case: box z-ranges shifted and clipped;
     boxes wholly outside the window keep their row (labels stay box index + 1) but are invalid."""
@@ -449,7 +427,7 @@ def evaluate_case(net: nn.Module, path: str, cfg: argparse.Namespace,
         pipeline_case, gts = window_case(name, imgs, boxes, z_lo, z_hi), gts[z_lo:z_hi]
     else:
         pipeline_case = infer.repair_case(name, imgs, boxes)
-    segs = infer.segment_case(PipelineModel(net, device), pipeline_case, block=cfg.eval_box_block)
+    segs = infer.segment_case(model_lib.PipelineModel(net, device), pipeline_case, block=cfg.eval_box_block)
     dsc, nsd = metrics.case_metrics(gts, segs, case.get("spacing"), pipeline_case.is_3d)
     return {"case": name, "modality": metrics.modality_of(path), "dsc": float(dsc), "nsd": float(nsd)}
 
