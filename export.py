@@ -53,8 +53,6 @@ def say(*msg) -> None:
     print("export.py:", *msg, file=sys.stderr, flush=True)
 
 
-
-
 # ---- models ------------------------------------------------------------------------------------------
 
 def sha256_of(path: str | os.PathLike) -> str:
