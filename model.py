@@ -147,6 +147,18 @@ class MBConv(nn.Module):
         return self.act3(self.conv3(y) + x)
 
 
+def tokens_to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """B×(H·W)×C tokens → B×C×H×W map. A 4-D permute next to the conv that consumes it (not a
+    3-D transpose then a reshape): OpenVINO merges such a permute into the conv's layout reorder."""
+    return x.view(x.shape[0], h, w, x.shape[-1]).permute(0, 3, 1, 2)
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """B×C×H×W map → B×(H·W)×C tokens (the inverse of tokens_to_map, same reasoning)."""
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
 class PatchMerging(nn.Module):
     """B×C×H×W or B×(H·W)×C → B×(H'·W')×C': 1×1, 3×3 depthwise (stride 2, or 1 into 320 channels),
     1×1, GELUs between."""
@@ -163,9 +175,8 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 3:
             h, w = self.input_resolution
-            x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
-        x = self.act(self.conv2(self.act(self.conv1(x))))
-        return self.conv3(x).flatten(2).transpose(1, 2)
+            x = tokens_to_map(x, h, w)
+        return map_to_tokens(self.conv3(self.act(self.conv2(self.act(self.conv1(x))))))
 
 
 class WindowAttention(nn.Module):
@@ -250,7 +261,7 @@ class TinyViTBlock(nn.Module):
         h, w = self.input_resolution
         b, n, c = x.shape
         x = x + self._windowed_attention(x)
-        x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).view(b, c, n).transpose(1, 2)
+        x = map_to_tokens(self.local_conv(tokens_to_map(x, h, w)))
         return x + self.mlp(x)
 
 
@@ -322,9 +333,7 @@ class TinyViTEncoder(nn.Module):
         x = self.patch_embed(image)
         for layer in self.layers:
             x = layer(x)
-        b, _, c = x.shape
-        x = x.transpose(1, 2).reshape(b, c, self.embed_size, self.embed_size)
-        return self.neck(x)
+        return self.neck(tokens_to_map(x, self.embed_size, self.embed_size))
 
 
 # ----------------------------------------------------------------------------------------------
