@@ -282,8 +282,12 @@ def test_qcdq_graph_has_qdq_for_every_quantizer(qcdq, part):
          else export.quantizers(net.mask_decoder, export.DECODER_UNUSED))
     n = {k: len(v) for k, v in q.items()}
     assert n["act"] > 0 and n["weight"] > 0
+    meta = json.loads((out / "meta.json").read_text())
+    n_split = meta["split_qkv"][part]  # each split qkv weight became 3 int8 weights
+    assert n_split == (10 if part == "encoder" else 0)  # every TinyViT block's attention
     assert ops["QuantizeLinear"] == n["act"]  # one Q per activation quantizer
-    assert ops["DequantizeLinear"] == n["act"] + n["weight"]  # + one DQ per int8 weight
+    assert ops["DequantizeLinear"] == n["act"] + n["weight"] + 2 * n_split  # + one DQ per int8 weight
+    assert ops["Split"] == 0 or part == "decoder"
     assert ops["Clip"] == 0  # fold_weight_clips folded the narrow-range weight clips
     assert not any(i.name in {t.name for t in g.initializer} for i in g.input)  # post-pass ran
     # the exported scales are the torch quantizers' scales (as a multiset: the order may differ)
@@ -293,10 +297,61 @@ def test_qcdq_graph_has_qdq_for_every_quantizer(qcdq, part):
     # every int8 weight is an initializer read by a DequantizeLinear, within the narrow range
     dq_inputs = {node.input[0] for node in g.node if node.op_type == "DequantizeLinear"}
     int8 = {k: v for k, v in inits.items() if v.dtype == np.int8 and v.ndim >= 2}
-    assert len(int8) == n["weight"] and set(int8) <= dq_inputs
+    assert len(int8) == n["weight"] + 2 * n_split and set(int8) <= dq_inputs
     assert all(int(v.min()) >= -127 for v in int8.values())
-    meta = json.loads((out / "meta.json").read_text())
     assert meta["quantizers"][part] == n and meta["format"][part] == "QCDQ"
+
+
+def runtime_layer_types(path: Path) -> Counter:
+    """Layer types of OpenVINO's compiled (CPU, bf16 hint: the default path) model of `path`."""
+    import openvino as ov
+    cm = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    return Counter(op.get_rt_info()["layerType"].astype(str) for op in cm.get_runtime_model().get_ordered_ops())
+
+
+@pytest.mark.slow
+def test_split_fused_qkv_keeps_the_function_and_lets_openvino_fuse_the_quantizers(qcdq, sample_q, tmp_path):
+    """The encoder exported without the pass, then split: the q, k, v tensors the first attention
+    block's matmuls read are the same numbers up to isolated one-step rounding flips (ONNX Runtime runs
+    a split projection and its Q as one int8 kernel, which rounds on its own), and OpenVINO no longer runs their 3 Q/DQs per block as standalone FakeQuantize."""
+    import onnx
+    import onnxruntime as ort
+    net = qcdq["net"]
+    fused = tmp_path / "fused.onnx"
+    export.export_onnx(model_lib.EncoderGraph(net), export.example_inputs()["encoder"], fused,
+                       export.ENCODER_INPUTS, export.ENCODER_OUTPUTS, None, export.DEFAULT_OPSET)
+    export.drop_initializer_inputs(fused)
+    export.fold_weight_clips(fused)
+    split = tmp_path / "split.onnx"
+    split.write_bytes(fused.read_bytes())
+    assert export.split_fused_qkv(split) == 10
+    export.check_onnx(split)
+    assert export.split_fused_qkv(split) == 0  # idempotent: nothing left to split
+
+    attn = net.image_encoder.layers[1].blocks[0].attn
+    names = [f"/image_encoder/layers.1/blocks.0/attn/{p}_quant/act_quant/export_handler/DequantizeLinear_output_0"
+             for p in "qkv"]
+
+    def run(path: Path) -> list[np.ndarray]:
+        m = onnx.load(str(path))
+        m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(names, {"image": sample_q[0]})
+
+    for p, a, b in zip("qkv", run(fused), run(split)):
+        step = act_scale(getattr(attn, f"{p}_quant").act_quant)
+        d = np.abs(a - b) / step
+        print(f"{p}: {a.shape}, {float((d > 0).mean()):.1e} of the elements differ, max {d.max():.3f} steps")
+        assert a.shape == b.shape == (361, attn.num_heads, 49, attn.key_dim)
+        assert (d > 0).mean() < 5e-3 and d.max() <= 1.001  # measured 0.4–1.5e-3, one step
+    # OpenVINO compiles each standalone FakeQuantize (and eltwise chain) into a "Subgraph" kernel;
+    # fused into a projection's int8 output, a quantizer needs none
+    ov_fused, ov_split = (runtime_layer_types(p) for p in (fused, split))
+    print(f"OpenVINO runtime layers, fused qkv → split: Subgraph {ov_fused['Subgraph']} → "
+          f"{ov_split['Subgraph']}, Split {ov_fused['Split']} → {ov_split['Split']}, "
+          f"FullyConnected {ov_fused['FullyConnected']} → {ov_split['FullyConnected']}")
+    assert ov_fused["Subgraph"] - ov_split["Subgraph"] >= 3 * 10
+    assert ov_split["Split"] == 0 and ov_split["FullyConnected"] == ov_fused["FullyConnected"] + 2 * 10
 
 
 def step_stats(diff: np.ndarray, scale: float) -> dict[str, float]:
