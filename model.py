@@ -553,7 +553,7 @@ class MaskDecoder(nn.Module):
         # of the first transformer layer is box-independent, so it is computed once and broadcast
         _, c, h, w = src.shape
         hs, keys = self.transformer(src, image_pe, tokens)
-        upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
+        upscaled = self.output_upscaling(tokens_to_map(keys, h, w))
         # single-mask mode needs only mask token 0's hypernetwork (same output, less work)
         heads = range(1, self.num_mask_tokens) if multimask_output else range(1)
         hyper = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in heads], 1)
