@@ -28,7 +28,6 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -129,12 +128,34 @@ def load_checkpoint(checkpoint: str = "published") -> tuple[model_lib.LiteMedSAM
     return net.eval(), info
 
 
+def calibration_files(calib_data: str | os.PathLike, k: int) -> list[Path]:
+    """The K npz cases calibration_batch reads from a folder: spread evenly over the sorted list
+    (repeating from the start when the folder has fewer than K)."""
+    files = data.find_cases(calib_data)
+    if not files:
+        raise FileNotFoundError(f"{calib_data}: no npz cases for calibration")
+    picks = [files[int(i)] for i in np.linspace(0, len(files) - 1, min(k, len(files)))]
+    return picks + [files[i % len(files)] for i in range(k - len(picks))]
+
+
+def box_slice(path: str | os.PathLike, z_frac: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(2D image, its boxes x0,y0,x1,y1) of a challenge npz case: the image itself for 2D; for 3D the
+    slice at `z_frac` of the first box's z-range and the boxes that reach that slice."""
+    case = data.load_case(path, keys=("imgs", "boxes"))
+    imgs, bx = case["imgs"], np.asarray(case["boxes"])
+    if bx.shape[1] != 6:
+        return imgs, bx
+    z = int(bx[0, 2] + z_frac * (bx[0, 5] - bx[0, 2]))
+    on = (bx[:, 2] <= z) & (z <= bx[:, 5])
+    return imgs[z], bx[on][:, [0, 1, 3, 4]]
+
+
 def calibration_batch(calib_data: str | os.PathLike, k: int,
                       seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """K calibration samples → (images K×3×256×256 in [0, 1], boxes_256: K tensors N_i×4).
 
-    `calib_data` is a folder of challenge npz cases (files spread evenly over the sorted list; a 3D
-    case gives the slice in the middle of its first box) or "synthetic" (data.make_synthetic_case)."""
+    `calib_data` is a folder of challenge npz cases (calibration_files; a 3D case gives the slice in
+    the middle of its first box) or "synthetic" (data.make_synthetic_case)."""
     images, boxes = [], []
     if str(calib_data) == "synthetic":
         for i in range(k):
@@ -143,20 +164,8 @@ def calibration_batch(calib_data: str | os.PathLike, k: int,
             images.append(data.preprocess_image(case["imgs"]))
             boxes.append(data.boxes_to_256(case["boxes"], hw))
     else:
-        files = data.find_cases(calib_data)
-        if not files:
-            raise FileNotFoundError(f"{calib_data}: no npz cases for calibration")
-        picks = [files[int(i)] for i in np.linspace(0, len(files) - 1, min(k, len(files)))]
-        picks += [files[i % len(files)] for i in range(k - len(picks))]
-        for path in picks:
-            case = data.load_case(path, keys=("imgs", "boxes"))
-            imgs, bx = case["imgs"], np.asarray(case["boxes"])
-            if bx.shape[1] == 6:  # 3D: the middle slice of the first box, its boxes on that slice
-                z = int((bx[0, 2] + bx[0, 5]) // 2)
-                on = (bx[:, 2] <= z) & (z <= bx[:, 5])
-                img2d, bx = imgs[z], bx[on][:, [0, 1, 3, 4]]
-            else:
-                img2d = imgs
+        for path in calibration_files(calib_data, k):
+            img2d, bx = box_slice(path)
             hw = img2d.shape[:2]
             images.append(data.preprocess_image(img2d, modality=data.modality_of(path)))  # as at inference
             boxes.append(data.boxes_to_256(bx[:16], hw))  # ≤ 16 boxes: enough statistics, bounded time
@@ -220,6 +229,15 @@ def drop_initializer_inputs(path: Path) -> int:
     return dropped
 
 
+def drop_unused_initializers(graph) -> int:
+    """Remove the initializers no node of `graph` (an onnx GraphProto) reads; returns how many."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    dead = [t for t in graph.initializer if t.name not in used]
+    for t in dead:
+        graph.initializer.remove(t)
+    return len(dead)
+
+
 def fold_weight_clips(path: Path) -> int:
     """Fold every Clip whose data input is an integer initializer (Brevitas' narrow-range int8 weights:
     int8 → Clip(-127, 127) → DequantizeLinear) into that initializer, in place; returns how many.
@@ -253,10 +271,7 @@ def fold_weight_clips(path: Path) -> int:
     if folded:
         del g.node[:]
         g.node.extend(keep)
-        still = Counter(i for n in g.node for i in n.input)
-        dead = [t for t in g.initializer if t.name not in still and t.name in inits]
-        for t in dead:  # the unclipped originals and the now unused bounds
-            g.initializer.remove(t)
+        drop_unused_initializers(g)  # the unclipped originals and the now unused bounds
         onnx.save(m, str(path))
     return folded
 
@@ -351,9 +366,7 @@ def split_fused_qkv(path: Path) -> int:
             nodes += after.get(id(n), [])
         del g.node[:]
         g.node.extend(nodes)
-        used = {i for n in g.node for i in n.input}
-        for t in [t for t in g.initializer if t.name not in used]:
-            g.initializer.remove(t)
+        drop_unused_initializers(g)  # the fused weights and biases, the split sizes
         onnx.save(m, str(path))
     return n_split
 

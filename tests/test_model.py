@@ -167,17 +167,12 @@ def _devset_slices(files: list[pathlib.Path], max_boxes: int = 4) -> list[tuple[
     """One preprocessed slice per file with ≤ max_boxes boxes_256: a 2D image, or the slice a third
     into a 3D case's first box (not its middle, which the calibration batch uses)."""
     import data
+    import export
     out = []
     for path in files:
-        case = data.load_case(path, keys=("imgs", "boxes"))
-        imgs, bx = case["imgs"], np.asarray(case["boxes"])
-        if bx.shape[1] == 6:
-            z = int(bx[0, 2] + (bx[0, 5] - bx[0, 2]) / 3)
-            on = (bx[:, 2] <= z) & (z <= bx[:, 5])
-            imgs, bx = imgs[z], bx[on][:, [0, 1, 3, 4]]
-        hw = imgs.shape[:2]
-        out.append((torch.from_numpy(data.preprocess_image(imgs, modality=data.modality_of(path)))[None],
-                    torch.from_numpy(data.boxes_to_256(bx[:max_boxes], hw))))
+        img2d, bx = export.box_slice(path, z_frac=1 / 3)
+        out.append((torch.from_numpy(data.preprocess_image(img2d, modality=data.modality_of(path)))[None],
+                    torch.from_numpy(data.boxes_to_256(bx[:max_boxes], img2d.shape[:2]))))
     return out
 
 
@@ -191,9 +186,8 @@ def quant_vs_fp32_ious(fp32_model) -> dict[str, torch.Tensor]:
     import data
     if not DEVSET.is_dir():
         pytest.skip("devset/imgs not present")
-    files = data.find_cases(DEVSET)
-    calib = {files[int(i)] for i in np.linspace(0, len(files) - 1, export.DEFAULT_CALIB_IMAGES)}
-    held = [f for f in files if f not in calib]
+    calib = set(export.calibration_files(DEVSET, export.DEFAULT_CALIB_IMAGES))
+    held = [f for f in data.find_cases(DEVSET) if f not in calib]
     held = [held[int(i)] for i in np.linspace(0, len(held) - 1, HELD_OUT_SLICES)]
     ptq, _ = export.build_ptq_model(DEVSET, export.DEFAULT_CALIB_IMAGES)
     sets = {"synthetic": _cases(seed=100, n_images=4), "devset": _devset_slices(held)}
