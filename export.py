@@ -276,6 +276,87 @@ def fold_weight_clips(path: Path) -> int:
     return folded
 
 
+def fold_weight_layout(path: Path) -> int:
+    """Fold the Transpose/Reshape chain after a weight's DequantizeLinear into its int8 initializer, in
+    place; returns how many weights were folded. The weight then reaches its consumer as int8 → DQ →
+    op, the pattern OpenVINO runs in int8.
+
+    model._subpixel_linear quantizes the decoder's ConvTranspose weights in their stored layout
+    (in, out, 2, 2; per output channel = axis 1) and lays them out for a Linear afterwards; with
+    per-channel scales OpenVINO does not see through that chain and runs those two Linears in bf16/f32.
+    Exact: the layout ops move the int8 values and (per axis) the scale / zero-point vectors alike.
+    Chains that are a single Transpose straight into a MatMul (every plain Linear) are left as they are."""
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def layout(a: np.ndarray, chain: list) -> np.ndarray:
+        for n in chain:
+            if n.op_type == "Reshape":
+                a = a.reshape(numpy_helper.to_array(inits[n.input[1]]))
+            else:
+                perm = [list(x.ints) for x in n.attribute if x.name == "perm"]
+                a = np.transpose(a, perm[0] if perm else None)
+        return a
+
+    dead, folded = set(), 0
+    for dq in [n for n in g.node if n.op_type == "DequantizeLinear"]:
+        if dq.input[0] not in inits or any(i and i not in inits for i in dq.input[1:]):
+            continue
+        w = numpy_helper.to_array(inits[dq.input[0]])
+        if w.dtype.kind not in "iu":
+            continue
+        chain, out = [], dq.output[0]
+        while len(consumers.get(out, [])) == 1 and consumers[out][0].op_type in ("Transpose", "Reshape"):
+            n = consumers[out][0]
+            if n.op_type == "Reshape" and n.input[1] not in inits:
+                break
+            chain.append(n)
+            out = n.output[0]
+        if not any(n.op_type == "Reshape" for n in chain):
+            continue
+        axis = next((x.i for x in dq.attribute if x.name == "axis"), 1)
+        new_w = layout(w, chain)
+        qparams = [numpy_helper.to_array(inits[i]) for i in dq.input[1:] if i]
+        new_axis = None
+        if qparams[0].size > 1:  # per axis: where do the scales end up? (one axis, constant along the others)
+            shape = [1] * w.ndim
+            shape[axis] = qparams[0].size
+            index = layout(np.broadcast_to(np.arange(qparams[0].size).reshape(shape), w.shape), chain)
+            varying = [d for d in range(index.ndim) if not (index == index.take([0], axis=d)).all()]
+            if len(varying) != 1:
+                continue
+            new_axis = varying[0]
+            rows = np.moveaxis(index, new_axis, 0).reshape(index.shape[new_axis], -1)[:, 0]
+            qparams = [a[rows] if a.size > 1 else a for a in qparams]
+        base = dq.input[0] + "/laid_out"
+        names = [base] + [f"{base}/qparam{j}" for j in range(len(qparams))]
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(new_w), names[0]))
+        g.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(a), nm) for a, nm in zip(qparams, names[1:]))
+        dq.input[:] = names
+        for x in list(dq.attribute):
+            if x.name == "axis":
+                dq.attribute.remove(x)
+        if new_axis is not None:
+            dq.attribute.append(onnx.helper.make_attribute("axis", int(new_axis)))
+        dq.output[0] = chain[-1].output[0]
+        dead |= {id(n) for n in chain}
+        folded += 1
+    if folded:
+        keep = [n for n in g.node if id(n) not in dead]
+        del g.node[:]
+        g.node.extend(keep)
+        drop_unused_initializers(g)
+        onnx.save(m, str(path))
+    return folded
+
+
 def split_fused_qkv(path: Path) -> int:
     """Split every quantized fused qkv projection of the encoder's window attention into three
     projections, in place; returns how many.
@@ -337,15 +418,25 @@ def split_fused_qkv(path: Path) -> int:
         if len(sizes) != 3 or len(set(sizes.tolist())) != 1 or heads * 3 * d != w.shape[0]:
             continue
         rows = np.arange(w.shape[0]).reshape(heads, 3, d)  # torch's view(B, L, heads, 3d) order
+        # per-tensor weight scale / zero point: shared by the parts; per output channel: sliced like the rows
+        qparams = [numpy_helper.to_array(inits[i]) if i in inits else None for i in w_dq.input[1:]]
+        if any(a is None for a in qparams):
+            continue
         for part, (q, dq) in enumerate(qdq):
             p = f"{split.name}/part{part}"
             idx = rows[:, part].reshape(-1)
             g.initializer.extend([numpy_helper.from_array(w[idx], p + "/weight_int8"),
                                   numpy_helper.from_array(b[idx], p + "/bias"),
                                   numpy_helper.from_array(np.array([0, 0, heads, d], np.int64), p + "/shape")])
+            dq_inputs = list(w_dq.input[1:])
+            for j, a in enumerate(qparams):
+                if a.ndim == 1 and a.size == w.shape[0]:
+                    dq_inputs[j] = f"{p}/{'scale' if j == 0 else 'zero_point'}"
+                    g.initializer.append(numpy_helper.from_array(a[idx], dq_inputs[j]))
             before.setdefault(id(split), []).extend([
-                helper.make_node("DequantizeLinear", [p + "/weight_int8", *w_dq.input[1:]], [p + "/weight"],
-                                 name=p + "/weight/DequantizeLinear"),
+                helper.make_node("DequantizeLinear", [p + "/weight_int8", *dq_inputs], [p + "/weight"],
+                                 name=p + "/weight/DequantizeLinear", **{a.name: helper.get_attribute_value(a)
+                                                                         for a in w_dq.attribute}),
                 helper.make_node("Transpose", [p + "/weight"], [p + "/weight_t"], perm=[1, 0], name=p + "/weight/Transpose"),
                 helper.make_node("MatMul", [mm.input[0], p + "/weight_t"], [p + "/matmul"], name=p + "/MatMul"),
                 helper.make_node("Add", [p + "/matmul", p + "/bias"], [p + "/out"], name=p + "/Add")])
@@ -381,9 +472,14 @@ def check_onnx(path: Path) -> None:
 
 
 def to_ir(onnx_path: Path, xml_path: Path) -> None:
-    """ONNX → OpenVINO IR (xml + bin), weights kept in f32 (precision is chosen at compile time)."""
+    """ONNX → OpenVINO IR (xml + bin), weights kept in f32 (precision is chosen at compile time).
+
+    Read by the ONNX frontend as is (Core.read_model), not through ov.convert_model: convert_model's
+    offline graph rewrites break OpenVINO's int8 pattern for per-channel weight scales on the layers
+    that write the residual stream of stages 2–3 (measured: 16 encoder FullyConnected and 4 merge
+    convolutions then run in f32/bf16; read as is, every quantized layer runs in int8)."""
     import openvino as ov
-    ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
+    ov.save_model(ov.Core().read_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
 
 
 def versions() -> dict[str, str]:
@@ -423,6 +519,9 @@ def export_model(net: model_lib.LiteMedSAM, out_dir: str | os.PathLike, info: di
                 n_clips = fold_weight_clips(onnx_path)
                 if n_clips:
                     say(f"{name}: folded {n_clips} weight Clips into their int8 initializers")
+            n_laid = fold_weight_layout(onnx_path)
+            if n_laid:
+                say(f"{name}: folded the Linear layout of {n_laid} transposed-conv weights into their int8 initializers")
             if split_qkv:
                 split_counts[name] = split_fused_qkv(onnx_path)
                 if split_counts[name]:
