@@ -64,6 +64,7 @@ import model as model_lib
 # ---- defaults (override with --config FILE or flags) ----
 stage = 1                      # 1 | 2 | 3, see the module docstring
 data_root = "data/synthetic"   # challenge tree <root>/<Modality>/<dataset>/*.npz, or a flat dir
+extra_data = []                # more training trees, never evaluated on (e.g. synthetic phantoms)
 eval_root = None               # separate eval tree; None → hold out eval_fraction of --data by file
 eval_fraction = 0.1            # the paper holds out one tenth
 out = "runs/qat"               # run directory; stage k writes out/stage<k>/
@@ -98,7 +99,7 @@ eval_start = True              # score the start model first (CSV row epoch -1: 
 eval_only = None               # "start": score the stage's start model; "teacher": the fp32 teacher
 debug_sample_log = None        # write "rank epoch sample_id" lines to this file prefix (tests)
 
-DEFAULT_NAMES = ["stage", "data_root", "eval_root", "eval_fraction", "out", "init", "teacher",
+DEFAULT_NAMES = ["stage", "data_root", "extra_data", "eval_root", "eval_fraction", "out", "init", "teacher",
                  "resume", "epochs", "batch_size", "lr", "warmup_epochs", "anneal_epochs", "optim",
                  "momentum", "weight_decay", "distill_weight", "device", "amp", "max_steps",
                  "samples_per_modality", "workers", "seed", "bbox_shift", "calib_images",
@@ -152,6 +153,9 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
                    help="1: quant encoder + distillation; 2: quant decoder; 3: whole model")
     p.add_argument("--data", dest="data_root", default=d["data_root"],
                    help="training tree (challenge layout or our synthetic/dev layout)")
+    p.add_argument("--extra-data", nargs="*", default=d["extra_data"], metavar="DIR",
+                   help="more training trees, added to the training files only (the eval split of "
+                        "--data is unchanged): e.g. synthetic phantoms from `python data.py synth`")
     p.add_argument("--eval-root", default=d["eval_root"],
                    help="separate evaluation tree; None = hold out --eval-fraction of --data")
     p.add_argument("--eval-fraction", type=float, default=d["eval_fraction"],
@@ -619,7 +623,8 @@ def checkpoint_dict(net: nn.Module, optimizer, scaler, epoch: int, lr_now: float
 
 
 def split_files(cfg: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """(training files, labeled eval files): hold out --eval-fraction by file, or --eval-root."""
+    """(training files, labeled eval files): hold out --eval-fraction of --data by file, or
+    --eval-root; --extra-data trees only add training files."""
     files = [str(f) for f in data.find_cases(cfg.data_root)]
     if not files:
         raise SystemExit(f"train.py: no npz cases found under {cfg.data_root}")
@@ -627,6 +632,14 @@ def split_files(cfg: argparse.Namespace) -> tuple[list[str], list[str]]:
         train_files, eval_files = files, [str(f) for f in data.find_cases(cfg.eval_root)]
     else:
         train_files, eval_files = data.split_by_file(files, cfg.eval_fraction, cfg.seed)
+    for root in cfg.extra_data or ():
+        try:
+            extra = data.find_cases(root)
+        except ValueError as e:
+            raise SystemExit(f"train.py: --extra-data {e}") from None
+        if not extra:
+            raise SystemExit(f"train.py: --extra-data {root}: no npz cases found")
+        train_files = sorted({str(f) for f in train_files} | {str(f) for f in extra})
     eval_files = [f for f in eval_files if data.find_labels(f) is not None]
     if cfg.eval_max_cases > 0:
         eval_files = eval_files[:cfg.eval_max_cases]

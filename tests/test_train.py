@@ -63,6 +63,26 @@ def test_config_precedence(tmp_path):
         train.parse_config(["--config", str(bad)])
 
 
+def test_extra_data_trains_but_never_evaluates(tmp_path):
+    """--extra-data adds its cases to the training files only: the held-out split of --data is the
+    same with and without it, and no extra case is ever evaluated."""
+    real, synth = tmp_path / "real", tmp_path / "synth"
+    data.write_synthetic_set(real, n2d=4, n3d=2, seed=1, modalities_2d=("Endoscopy",), modalities_3d=("CT",))
+    data.write_synthetic_set(synth, n2d=3, n3d=1, seed=2, modalities_2d=("Endoscopy",), modalities_3d=("CT",),
+                             tag="phantom")
+    base_train, base_eval = train.split_files(train.parse_config(["--data", str(real)]))
+    cfg = train.parse_config(["--data", str(real), "--extra-data", str(synth)])
+    train_files, eval_files = train.split_files(cfg)
+    extra = {str(f) for f in data.find_cases(synth)}
+    assert eval_files == base_eval and base_eval
+    assert set(train_files) == set(base_train) | extra and not extra & set(eval_files)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no npz cases"):
+        train.split_files(train.parse_config(["--data", str(real), "--extra-data", str(tmp_path / "empty")]))
+    with pytest.raises(SystemExit, match="no such directory"):
+        train.split_files(train.parse_config(["--data", str(real), "--extra-data", str(tmp_path / "none")]))
+
+
 def test_slice_window():
     boxes = np.array([[0, 0, 10, 5, 5, 14], [0, 0, 12, 5, 5, 30]])
     assert train.slice_window(40, boxes, 0) == (0, 40)
