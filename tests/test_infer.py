@@ -491,3 +491,19 @@ def test_catalogue_exit_code_and_summary(catalogue_run):
     for name in IGNORED:
         assert any(ln.startswith(f"infer: {name}: ignored") for ln in lines)
     assert sorted(p.name for p in out.iterdir()) == sorted(n for n, (_, _, e) in CATALOGUE.items() if e is not None)
+
+
+def test_bench_batch_times_encoder_calls_of_several_slices(oracle_dir, tmp_path):
+    """bench_batch.py (slices per encoder call, issue 7) runs through infer.OpenVINOModel: a row per
+    batch size with a positive time and the peak RSS of its own subprocess; a missing model is one line."""
+    here = Path(infer.__file__).parent
+    run = lambda *a: subprocess.run([sys.executable, "bench_batch.py", *a], cwd=here, capture_output=True, text=True)
+    out = run("-m", str(oracle_dir), "--batches", "1", "4", "--rounds", "1", "--precision", "f32")
+    assert out.returncode == 0, out.stderr
+    assert "(float ops: f32)" in out.stdout
+    rows = {int(line.split()[0]): [float(v) for v in line.split()[1:]]
+            for line in out.stdout.splitlines() if line.split() and line.split()[0].isdigit()}
+    assert set(rows) == {1, 4}
+    assert rows[1][1] == 1.0 and all(ms > 0 and rss > 50 for ms, _, rss in rows.values())
+    bad = run("-m", str(tmp_path / "nothing"))
+    assert bad.returncode == 2 and "no encoder.xml" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
