@@ -99,12 +99,15 @@ class CaseError(Exception):
 
 
 # ---- models ------------------------------------------------------------------------------------------
+ENCODER_BATCH = 1  # slices per encoder call: the pipeline embeds one image / 3D slice at a time
+
+
 class OpenVINOModel:
     """encoder.xml (image B×3×256×256 → image_embedding B×256×64×64) and decoder.xml (image_embedding
     1×256×64×64 + boxes N×4 in model space → low_res_logits N×1×256×256), compiled once on CPU."""
 
     def __init__(self, model_dir: Path, precision: str = "auto", threads: int | None = None,
-                 cache_dir: Path | None = DEFAULT_CACHE_DIR):
+                 cache_dir: Path | None = DEFAULT_CACHE_DIR, encoder_batch: int | None = ENCODER_BATCH):
         import openvino as ov
 
         core = ov.Core()
@@ -119,7 +122,10 @@ class OpenVINOModel:
             config["INFERENCE_PRECISION_HINT"] = precision
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.encoder = core.compile_model(str(Path(model_dir) / "encoder.xml"), "CPU", config)
+        encoder = core.read_model(str(Path(model_dir) / "encoder.xml"))
+        if encoder_batch:  # a static input shape: 7 % faster encoder than the IR's dynamic batch (bench_batch.py)
+            encoder.reshape({encoder.inputs[0]: [encoder_batch, *encoder.inputs[0].get_partial_shape()[1:]]})
+        self.encoder = core.compile_model(encoder, "CPU", config)
         self.decoder = core.compile_model(str(Path(model_dir) / "decoder.xml"), "CPU", config)
         hint = self.encoder.get_property("INFERENCE_PRECISION_HINT")  # what OpenVINO actually uses
         self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
@@ -134,7 +140,7 @@ class OpenVINOModel:
         self.decoder_calls = 0
 
     def encode(self, image: np.ndarray) -> np.ndarray:
-        """image B×3×256×256 float32 → image_embedding B×256×64×64 (a copy)."""
+        """image B×3×256×256 float32 → image_embedding B×256×64×64 (a copy); B = encoder_batch if set."""
         self.encoder_calls += 1
         return self._enc_request.infer({self._image: image})[self._embedding_out]
 

@@ -494,16 +494,32 @@ def test_catalogue_exit_code_and_summary(catalogue_run):
 
 
 def test_bench_batch_times_encoder_calls_of_several_slices(oracle_dir, tmp_path):
-    """bench_batch.py (slices per encoder call, issue 7) runs through infer.OpenVINOModel: a row per
-    batch size with a positive time and the peak RSS of its own subprocess; a missing model is one line."""
+    """bench_batch.py (slices per encoder call, static vs dynamic input shape; issue 7) runs through
+    infer.OpenVINOModel: a row per batch size with positive times and the peak RSS of its own
+    subprocess; a missing model is one line."""
     here = Path(infer.__file__).parent
     run = lambda *a: subprocess.run([sys.executable, "bench_batch.py", *a], cwd=here, capture_output=True, text=True)
     out = run("-m", str(oracle_dir), "--batches", "1", "4", "--rounds", "1", "--precision", "f32")
     assert out.returncode == 0, out.stderr
-    assert "(float ops: f32)" in out.stdout
+    assert "(float ops: f32;" in out.stdout
     rows = {int(line.split()[0]): [float(v) for v in line.split()[1:]]
             for line in out.stdout.splitlines() if line.split() and line.split()[0].isdigit()}
     assert set(rows) == {1, 4}
-    assert rows[1][1] == 1.0 and all(ms > 0 and rss > 50 for ms, _, rss in rows.values())
+    assert rows[1][3] == 1.0  # static per-slice speed relative to batch 1
+    assert all(dyn > 0 and static > 0 and rss > 50 for dyn, static, _, _, rss in rows.values())
     bad = run("-m", str(tmp_path / "nothing"))
     assert bad.returncode == 2 and "no encoder.xml" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("encoder_batch", [None, 1, 3])
+def test_static_encoder_batch_gives_the_same_embedding(oracle_dir, encoder_batch):
+    """infer.py compiles the encoder with a static batch (faster in OpenVINO); the embedding is the same
+    function of the image, and a static batch-1 encoder rejects a batch of 2 instead of guessing."""
+    net = infer.OpenVINOModel(oracle_dir, precision="f32", cache_dir=None, encoder_batch=encoder_batch)
+    images = np.random.default_rng(3).random((encoder_batch or 2, 3, 256, 256), dtype=np.float32)
+    np.testing.assert_array_equal(net.encode(images), oracle_model.encode_np(images))
+    shape = net.encoder.inputs[0].get_partial_shape()
+    assert shape.is_static == (encoder_batch is not None)
+    if encoder_batch == 1:
+        with pytest.raises(RuntimeError):
+            net.encode(np.zeros((2, 3, 256, 256), np.float32))
