@@ -41,7 +41,7 @@ def worker(model_dir: str, batch: int, static: bool, precision: str, threads: in
         net.encode(image)
         times_s.append(time.perf_counter() - t0)
     return {"batch": batch, "ms_per_slice": 1000 * float(np.median(times_s)) / batch,
-            "peak_rss_mb": bench_index.proc_status_mb("VmHWM"),
+            "peak_rss_mb": bench_index.peak_rss_mb(),
             "precision": net.precision}
 
 

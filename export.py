@@ -238,6 +238,15 @@ def drop_unused_initializers(graph) -> int:
     return len(dead)
 
 
+def node_consumers(graph) -> dict[str, list]:
+    """Tensor name → the nodes of `graph` that read it, in graph order."""
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return consumers
+
+
 def fold_weight_clips(path: Path) -> int:
     """Fold every Clip whose data input is an integer initializer (Brevitas' narrow-range int8 weights:
     int8 → Clip(-127, 127) → DequantizeLinear) into that initializer, in place; returns how many.
@@ -291,10 +300,7 @@ def fold_weight_layout(path: Path) -> int:
     m = onnx.load(str(path))
     g = m.graph
     inits = {t.name: t for t in g.initializer}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = node_consumers(g)
 
     def layout(a: np.ndarray, chain: list) -> np.ndarray:
         for n in chain:
@@ -378,10 +384,7 @@ def split_fused_qkv(path: Path) -> int:
     g = m.graph
     inits = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = node_consumers(g)
 
     def op(name: str | None, op_type: str):
         n = producer.get(name) if name else None

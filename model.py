@@ -530,9 +530,9 @@ def _dequantized(x) -> torch.Tensor:
 def _subpixel_linear(ct: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
     """A kernel-2 stride-2 ConvTranspose2d on channels-last pixels N×L×Cin → N×(L·4)×Cout (each
     pixel followed by its output block positions di·2 + dj), as one Linear of the same weights: each
-    input pixel owns its 2×2 output block. A quantized layer (Brevitas) keeps its own quantizers: the input quantizer sees
-    the same values, and the weight is quantized in its stored layout (per output channel = per
-    column of the Linear) before it is laid out for the Linear."""
+    input pixel owns its 2×2 output block. A quantized layer (Brevitas) keeps its own quantizers: the
+    input quantizer sees the same values, and the weight is quantized in its stored layout (per output
+    channel = per column of the Linear) before it is laid out for the Linear."""
     cin, cout = ct.weight.shape[:2]
     weight = ct.weight
     if getattr(ct, "input_quant", None) is not None:
@@ -735,8 +735,8 @@ def quantize_(model: LiteMedSAM, encoder: bool = True, decoder: bool = True,
 
     BatchNorm is folded into its conv first. Every Linear/Conv2d (and the decoder's
     ConvTranspose2d) of the image encoder / mask decoder gets int8 symmetric weights (one scale per
-    output channel, see Int8WeightQuant) and an int8 per-tensor input quantizer with a learned float scale; the q, k, softmax-probability
-    and v inputs of every attention matmul get a QuantIdentity. Biases, norms, activations, softmax
+    output channel, see Int8WeightQuant) and an int8 per-tensor input quantizer with a learned float
+    scale; the q, k, softmax-probability and v inputs of every attention matmul get a QuantIdentity. Biases, norms, activations, softmax
     and the prompt encoder stay float. `float_layers` are fnmatch patterns of module names (as in
     `model.named_modules()`) that stay float: the measured accuracy/FLOP trade-off, see
     FLOAT_LAYERS_DEFAULT. Call `calibrate` next to initialise the activation scales.
