@@ -1,5 +1,5 @@
-"""Data: preprocessing (and its inverse), challenge npz reading, the 3D slice index, the balanced
-modality sampler, synthetic cases.
+"""Data: preprocessing (and its inverse), challenge npz reading and writing, the 3D slice index, the
+balanced modality sampler, the train/eval split.
 
 numpy + opencv only (no torch at import time): infer.py uses the preprocessing below, and training
 uses exactly the same function (§2.1), so the two can never drift apart.
@@ -14,7 +14,7 @@ epoch, DDP-sharded). Decisions, each documented where it is implemented:
   - unlabelled slices: recorded lazily when a case is decoded, replaced by a labelled slice of the
     same file (SliceIndex, SegmentationDataset);
   - DDP: the epoch is padded with its own first items to a multiple of the world size (BalancedSampler).
-CLI: `python data.py synth --out DIR`, `python data.py bench-set --out DIR`, `python data.py index ROOT`.
+CLI: `python data.py index ROOT` (slices per modality). Synthetic cases: `python -m tools.phantoms`.
 """
 from __future__ import annotations
 
@@ -48,11 +48,9 @@ def resized_shape(hw: tuple[int, int], size: int = IMAGE_SIZE) -> tuple[int, int
     return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
-# Preprocessing defaults, the one place training and inference both read (issue 9 measures them with
-# evaluate.py; docs/pipeline_variants.md has the evidence). Per-modality entries override the fallback.
+# Preprocessing defaults: the one table training and inference both read; per-modality entries override
+# the fallback, each chosen on the dev set (docs/pipeline_variants.md has the evidence).
 PREPROCESS_FALLBACK: dict[str, object] = {"interp": "area", "norm_then_pad": True}
-# US: bicubic image resize, +2.1 DSC / +1.9 NSD on 4 HC18 dev cases (3 better, 1 worse); other
-# modalities moved < 1 DSC point either way (docs/pipeline_variants.md), so they keep the baseline's area.
 PREPROCESS_BY_MODALITY: dict[str, dict[str, object]] = {"US": {"interp": "cubic"}}
 BOX_ROUNDINGS = ("float", "round", "outward")
 
@@ -348,7 +346,7 @@ def load_case(path: str | os.PathLike, keys: Sequence[str] = ("imgs", "boxes", "
     except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: cannot decode ({type(e).__name__}: {e})") from None
     imgs = out["imgs"]
-    is_3d = _is_3d(path.name, imgs.shape)
+    is_3d = is_3d_case(path.name, imgs.shape)
     if imgs.ndim not in (2, 3):
         raise ValueError(f"{path}: imgs must be H×W, H×W×3 or D×H×W, got shape {imgs.shape}")
     spatial = imgs.shape if is_3d else imgs.shape[:2]
@@ -363,13 +361,40 @@ def load_case(path: str | os.PathLike, keys: Sequence[str] = ("imgs", "boxes", "
     return out
 
 
-def _is_3d(name: str, imgs_shape: Sequence[int]) -> bool:
-    """3D if the file says so (`3DBox_`), 2D if `2DBox_`; otherwise by shape (H×W×{1,3,4} is 2D)."""
-    if name.startswith("3DBox_"):
-        return True
-    if name.startswith("2DBox_"):
-        return False
-    return len(imgs_shape) == 3 and imgs_shape[2] not in (1, 3, 4)
+def is_3d_case(name: str, imgs_shape: Sequence[int], box_width: int | None = None) -> bool:
+    """The one rule for "is this case a 3D volume", from its file name, `imgs` shape and (if known) the
+    width of its boxes. H×W is 2D and D×H×W×1 is 3D whatever the name; H×W×C with C in (1, 3, 4) is a
+    2D image unless the name (`3D…`), or without a name N×6 boxes, say 3D; any other 3-axis array is 3D
+    unless the name says `2D…`. Callers still check that the shape is valid for the answer."""
+    named = name[:2] if name[:2] in ("2D", "3D") else None
+    if len(imgs_shape) != 3:
+        return len(imgs_shape) == 4 and imgs_shape[3] == 1
+    if imgs_shape[2] in (1, 3, 4):  # a colour or grey image, or a volume of 1, 3 or 4 rows
+        return (named or {4: "2D", 6: "3D"}.get(box_width)) == "3D"
+    return named != "2D"
+
+
+def crop_z(imgs: np.ndarray, boxes: np.ndarray, gts: np.ndarray | None, max_slices: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A 3D case (imgs/gts D×H×W, boxes N×6) cut to at most `max_slices` contiguous slices centred on its
+    boxes' z-extent (unchanged when it fits), for cheap evaluation. Box z-ranges are shifted and
+    clipped; a box wholly outside the window keeps its row (labels stay box index + 1) but is moved
+    outside the image, so the pipeline marks it invalid, and its label is removed from gts."""
+    depth = imgs.shape[0]
+    if max_slices <= 0 or depth <= max_slices:
+        return imgs, boxes, gts
+    z_lo, z_hi = int(boxes[:, 2].min()), int(boxes[:, 5].max())
+    start = max(0, min((z_lo + z_hi + 1) // 2 - max_slices // 2, depth - max_slices))
+    stop = start + max_slices
+    boxes = np.asarray(boxes, np.float64).copy()
+    outside = (boxes[:, 5] < start) | (boxes[:, 2] >= stop)
+    boxes[:, [2, 5]] = np.clip(boxes[:, [2, 5]] - start, 0, max_slices - 1)
+    boxes[outside] = [-10, -10, -10, -5, -5, -5]
+    if gts is not None:
+        gts = gts[start:stop].copy()
+        for i in np.flatnonzero(outside):
+            gts[gts == i + 1] = 0
+    return imgs[start:stop], boxes, gts
 
 
 def find_cases(root: str | os.PathLike) -> list[Path]:
@@ -495,7 +520,7 @@ class SliceIndex:
             if "imgs" not in headers:
                 raise ValueError(f"{f}: no 'imgs' array")
             shape, dtype = headers["imgs"]
-            is_3d = _is_3d(f.name, shape)
+            is_3d = is_3d_case(f.name, shape)
             if len(shape) not in (2, 3) or (is_3d and len(shape) != 3):
                 raise ValueError(f"{f}: imgs must be H×W, H×W×3 or D×H×W, got shape {shape}")
             labels = find_labels(f, headers)
@@ -568,7 +593,8 @@ class SliceIndex:
             self._presence[file_index] = (g.reshape(g.shape[0], -1).any(axis=1) if self.is_3d[file_index]
                                           else np.asarray([g.any()]))
         self._cache[file_index] = case
-        while len(self._cache) > self.cache_size or (len(self._cache) > 1 and self.cache_nbytes() > self.cache_mb * 2**20):
+        while len(self._cache) > self.cache_size or (len(self._cache) > 1
+                                                     and self.cache_nbytes() > self.cache_mb * 2**20):
             self._cache.popitem(last=False)
         return case
 
@@ -848,212 +874,26 @@ def split_by_file(files: Sequence[str | os.PathLike], eval_fraction: float = 0.1
 
 
 # ────────────────────────────────────────────────────────────────────────────────────────────────
-# Synthetic challenge cases (phantoms with known masks) for tests and benchmarks
+# Writing challenge npz: atomic and reproducible
 # ────────────────────────────────────────────────────────────────────────────────────────────────
-MAX_OBJECTS = 255  # labels are uint8 (label i+1 ↔ box i)
-_BODY_MODALITIES = {"CT", "MR", "PET"}  # 3D phantoms get a body outline with dark air around it
-_COLOUR_MODALITIES = {"Dermoscopy", "Endoscopy", "Fundus", "Microscopy"}
-
-
-def _smooth_noise(rng: np.random.Generator, hw: tuple[int, int], cells: int) -> np.ndarray:
-    """Low-frequency noise in [0, 1], float32 H×W: `cells` random values across the long side,
-    cubic-upsampled (cheap even at 4032×3024)."""
-    h, w = hw
-    gh = max(2, int(round(cells * h / max(h, w))))
-    gw = max(2, int(round(cells * w / max(h, w))))
-    big = cv2.resize(rng.random((gh, gw), dtype=np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
-    lo, hi = float(big.min()), float(big.max())
-    return (big - lo) / max(hi - lo, 1e-6)
-
-
-def _texture(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
-    """Three octaves of smooth noise: organ-scale shading plus finer tissue texture, float32 [0, 1]."""
-    fine = min(64, max(4, max(hw) // 8))
-    return 0.6 * _smooth_noise(rng, hw, 4) + 0.3 * _smooth_noise(rng, hw, 16) + 0.1 * _smooth_noise(rng, hw, fine)
-
-
-def _polygon(obj: dict, scale: float = 1.0) -> np.ndarray:
-    """Outline of an object (ellipse = no harmonics, blob = a few random harmonics of the radius),
-    scaled about its centre, int32 K×2 (x, y)."""
-    theta = np.linspace(0.0, 2 * np.pi, 96, endpoint=False)
-    r = np.ones_like(theta)
-    for k, (a, phi) in enumerate(obj["harmonics"], start=2):
-        r += a * np.cos(k * theta + phi)
-    x, y = scale * obj["rx"] * r * np.cos(theta), scale * obj["ry"] * r * np.sin(theta)
-    c, s = np.cos(obj["angle"]), np.sin(obj["angle"])
-    pts = np.stack([obj["cx"] + c * x - s * y, obj["cy"] + s * x + c * y], axis=1)
-    return np.round(pts).astype(np.int32)
-
-
-def _paint(canvas: np.ndarray, pts: np.ndarray, value: int) -> tuple[int, int, int, int] | None:
-    """Fill polygon `pts` with `value` in a uint8 canvas, working on its bounding patch only.
-    Returns the painted pixels' box (x0, y0, x1, y1), or None if nothing was painted."""
-    x0, y0 = np.maximum(pts.min(axis=0), 0)
-    x1 = min(int(pts[:, 0].max()), canvas.shape[1] - 1)
-    y1 = min(int(pts[:, 1].max()), canvas.shape[0] - 1)
-    if x1 < x0 or y1 < y0:
-        return None
-    patch = np.zeros((y1 - y0 + 1, x1 - x0 + 1), np.uint8)
-    cv2.fillPoly(patch, [pts - np.array([x0, y0], np.int32)], 1)
-    if not patch.any():
-        return None
-    canvas[y0:y1 + 1, x0:x1 + 1][patch > 0] = value
-    b = box_from_mask(patch)
-    return int(b[0] + x0), int(b[1] + y0), int(b[2] + x0), int(b[3] + y0)
-
-
-def _place_objects(rng: np.random.Generator, hw: tuple[int, int], n: int, fill: float = 0.3) -> list[dict]:
-    """n non-touching star-shaped footprints (ellipses and blobs, 2 px apart) inside an h×w image,
-    together covering about `fill` of it; shrinks the objects if the image gets crowded."""
-    h, w = hw
-    occupied = np.zeros((h, w), np.uint8)
-    base_r = max(2.0, min(np.sqrt(fill * h * w / (n * np.pi)), min(h, w) / 4))
-    kernel = np.ones((5, 5), np.uint8)
-    objs = []
-    for i in range(n):
-        for attempt in range(400):
-            r = base_r * rng.uniform(0.5, 1.0) * 0.85 ** (attempt // 25)
-            blob = rng.random() < 0.5
-            harmonics = [(rng.uniform(0.0, 0.12), rng.uniform(0, 2 * np.pi)) for _ in range(3)] if blob else []
-            obj = {"rx": max(1.5, r * rng.uniform(0.6, 1.0)), "ry": max(1.5, r * rng.uniform(0.6, 1.0)),
-                   "angle": rng.uniform(0, np.pi), "harmonics": harmonics}
-            ext = max(obj["rx"], obj["ry"]) * (1 + sum(a for a, _ in harmonics)) + 3
-            if 2 * ext >= min(h, w) - 2:
-                continue
-            obj["cx"], obj["cy"] = rng.uniform(ext, w - 1 - ext), rng.uniform(ext, h - 1 - ext)
-            pts = _polygon(obj)
-            x0, y0 = pts.min(axis=0) - 2
-            x1, y1 = pts.max(axis=0) + 2
-            patch = np.zeros((y1 - y0 + 1, x1 - x0 + 1), np.uint8)
-            cv2.fillPoly(patch, [pts - np.array([x0, y0], np.int32)], 1)
-            grown = cv2.dilate(patch, kernel)
-            region = occupied[y0:y1 + 1, x0:x1 + 1]
-            if not (region & grown).any():
-                region |= grown
-                objs.append(obj)
-                break
-        else:
-            raise RuntimeError(f"could not place object {i + 1} of {n} in a {h}×{w} image; use fewer objects")
-    return objs
-
-
-def _object_value(rng: np.random.Generator, background: float, contrast: float | None = None) -> float:
-    """Object grey level 45–90 (or ±`contrast`) away from its surroundings: visible from a box,
-    not trivially. Mostly brighter on dark and darker on bright backgrounds."""
-    if contrast is None:
-        sign = 1.0 if (background < 128) ^ (rng.random() < 0.2) else -1.0
-        contrast = sign * rng.uniform(45, 90)
-    value = background + contrast
-    if not 8 <= value <= 247:  # would saturate: go the other way
-        value = background - contrast
-    return float(np.clip(value, 8, 247))
-
-
-def make_synthetic_case(kind: str = "2D", shape: Sequence[int] | None = None, n_objects: int = 3,
-                        modality: str | None = None, seed: int = 0) -> dict:
-    """A challenge-format phantom with known labels.
-
-    2D: shape (H, W) (default 384×512, up to 4032×3024 and beyond) → imgs H×W×3 uint8,
-        gts H×W uint8, boxes N×4 int64 (x0, y0, x1, y1), spacing (1.0, 1.0).
-    3D: shape (D, H, W) (default 16×128×128) → imgs D×H×W uint8, gts D×H×W uint8,
-        boxes N×6 int64 (x0, y0, z0, x1, y1, z1), spacing (1.0, 1.0, 1.0) (isotropic, so the
-        axis order of the challenge's spacing does not matter for synthetic cases).
-    Objects are ellipses and blobs (random radial harmonics) of varied size and grey level on a
-    smooth textured background; in 3D they are star-shaped solids (cross-section shrinking towards
-    their ends) whose z-ranges all overlap around the middle slice. Label i+1 ↔ boxes[i], boxes are
-    the exact extents of the labels (inclusive pixel coordinates). 1 ≤ n_objects ≤ 255.
-    """
-    if kind not in ("2D", "3D"):
-        raise ValueError(f"kind must be '2D' or '3D', got {kind!r}")
-    if not 1 <= n_objects <= MAX_OBJECTS:
-        raise ValueError(f"n_objects must be in [1, {MAX_OBJECTS}], got {n_objects}")
-    modality = modality or ("Endoscopy" if kind == "2D" else "CT")
-    rng = np.random.default_rng(seed)
-    if kind == "2D":
-        h, w = (384, 512) if shape is None else (int(shape[0]), int(shape[1]))
-        objs = _place_objects(rng, (h, w), n_objects)
-        grey = 40 + 120 * _texture(rng, (h, w))
-        gts = np.zeros((h, w), np.uint8)
-        boxes = np.zeros((n_objects, 4), np.int64)
-        detail = _smooth_noise(rng, (h, w), min(128, max(4, max(h, w) // 4)))
-        for i, obj in enumerate(objs):
-            boxes[i] = _paint(gts, _polygon(obj), i + 1)
-            x0, y0, x1, y1 = boxes[i]
-            sel = gts[y0:y1 + 1, x0:x1 + 1] == i + 1
-            region = grey[y0:y1 + 1, x0:x1 + 1]
-            value = _object_value(rng, float(region[sel].mean()))
-            region[sel] = value + 25 * (detail[y0:y1 + 1, x0:x1 + 1][sel] - 0.5)
-        grey = cv2.GaussianBlur(grey, (0, 0), 1.0)  # soft edges, like a real acquisition
-        grey += rng.standard_normal((h, w), dtype=np.float32) * 3.0
-        if modality in _COLOUR_MODALITIES:
-            tint = rng.uniform(0.7, 1.1, size=3).astype(np.float32)
-            img = grey[:, :, None] * tint + rng.uniform(-15, 15, size=3).astype(np.float32)
-        else:
-            img = np.repeat(grey[:, :, None], 3, axis=2)
-        imgs = np.clip(img, 0, 255).astype(np.uint8)
-        spacing = np.asarray([1.0, 1.0])
-    else:
-        d, h, w = (16, 128, 128) if shape is None else (int(shape[0]), int(shape[1]), int(shape[2]))
-        objs = _place_objects(rng, (h, w), n_objects, fill=0.2)
-        n_keys = max(2, d // 12 + 1)
-        keys = [_texture(rng, (h, w)) for _ in range(n_keys)]
-        body = None
-        if modality in _BODY_MODALITIES:  # an elliptic body with dark air around it
-            body = np.zeros((h, w), np.uint8)
-            cv2.ellipse(body, (w // 2, h // 2), (int(w * 0.48), int(h * 0.47)), 0, 0, 360, 1, -1)
-        gts = np.zeros((d, h, w), np.uint8)
-        imgs = np.zeros((d, h, w), np.uint8)
-        boxes = np.full((n_objects, 6), -1, np.int64)
-        for obj in objs:
-            obj["zc"] = d / 2 + rng.uniform(-d / 8, d / 8)
-            obj["hz"] = rng.uniform(d / 5, d / 2.5) + 0.5
-        contrasts = None
-        for z in range(d):
-            t = z / max(d - 1, 1) * (n_keys - 1)
-            k = min(int(t), n_keys - 2)
-            grey = (1 - (t - k)) * keys[k] + (t - k) * keys[k + 1]
-            grey = 50 + 110 * grey
-            if body is not None:
-                grey = np.where(body > 0, grey, 6.0).astype(np.float32)
-            if contrasts is None:  # per-object contrast to the local background, fixed across slices
-                contrasts = [(1.0 if rng.random() < 0.6 else -1.0) * rng.uniform(45, 90) for _ in objs]
-            lab = gts[z]
-            for i, obj in enumerate(objs):
-                u = (z - obj["zc"]) / obj["hz"]
-                s = np.sqrt(max(0.0, 1.0 - u * u))
-                if s * min(obj["rx"], obj["ry"]) < 0.75:
-                    continue
-                b = _paint(lab, _polygon(obj, s), i + 1)
-                if b is None:
-                    continue
-                if boxes[i, 0] < 0:
-                    boxes[i] = (b[0], b[1], z, b[2], b[3], z)
-                else:
-                    boxes[i, :3] = np.minimum(boxes[i, :3], (b[0], b[1], z))
-                    boxes[i, 3:] = np.maximum(boxes[i, 3:], (b[2], b[3], z))
-            for i in range(n_objects):
-                sel = lab == i + 1
-                if sel.any():
-                    value = _object_value(rng, float(grey[sel].mean()), contrasts[i])
-                    grey[sel] = value + 20 * (keys[-1][sel] - 0.5)
-            grey = cv2.GaussianBlur(grey.astype(np.float32), (0, 0), 0.8)
-            grey += rng.standard_normal((h, w), dtype=np.float32) * 3.0
-            imgs[z] = np.clip(grey, 0, 255).astype(np.uint8)
-        if (boxes[:, 0] < 0).any():
-            raise RuntimeError(f"synthetic 3D case: an object was never painted (shape {d}×{h}×{w}); use a larger shape")
-        spacing = np.asarray([1.0, 1.0, 1.0])
-    return {"imgs": imgs, "boxes": boxes, "gts": gts, "spacing": spacing}
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # np.savez stamps the wall clock; a fixed stamp makes rewrites byte-identical
 
 
 def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    """np.savez_compressed to a temporary file in the same folder (named `.<name>.*.tmp`, not *.npz, so no
-    evaluator picks it up), then os.replace: readers see the old file or the whole new one, never a torn npz."""
+    """What np.savez_compressed writes (np.load reads it), to a temporary file in the same folder
+    (`.<name>.*.tmp`, not *.npz, so no evaluator picks it up), then os.replace: readers see the old file
+    or the whole new one, never a torn npz. Zip entries carry a fixed timestamp, so the same arrays
+    always give the same bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fp:
-            np.savez_compressed(fp, **arrays)
+        with os.fdopen(fd, "wb") as fp, zipfile.ZipFile(fp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for key, arr in arrays.items():
+                info = zipfile.ZipInfo(key + ".npy", date_time=_ZIP_EPOCH)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with zf.open(info, "w", force_zip64=True) as member:
+                    npformat.write_array(member, np.asanyarray(arr), allow_pickle=False)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; cases are meant to be shared (docker, other users)
         os.replace(tmp, path)
     except BaseException:
@@ -1069,106 +909,37 @@ def write_case(path: str | os.PathLike, case: dict, with_gts: bool = True) -> Pa
     return Path(path)
 
 
-def case_name(kind: str, modality: str, number: int, tag: str = "synth") -> str:
-    """`2DBox_<Modality>_<tag>_XXXX.npz` / `3DBox_…` (the modality must not contain '_')."""
-    if "_" in modality:
-        raise ValueError(f"modality name {modality!r} must not contain '_' (it delimits the file name)")
-    return f"{kind}Box_{modality}_{tag}_{number:04d}.npz"
-
-
 def write_challenge_case(out_dir: str | os.PathLike, name: str, case: dict) -> Path:
-    """Challenge layout: `<out>/imgs/<name>` (imgs, boxes, spacing) and `<out>/gts/<name>` (gts, spacing)."""
+    """Challenge layout: `<out>/imgs/<name>` (imgs, boxes[, spacing]) and `<out>/gts/<name>` (gts, boxes[,
+    spacing]). Returns the imgs path."""
     out_dir = Path(out_dir)
     write_case(out_dir / "imgs" / name, case, with_gts=False)
-    save_npz_atomic(out_dir / "gts" / name, gts=case["gts"], spacing=case["spacing"])
+    save_npz_atomic(out_dir / "gts" / name, **{k: case[k] for k in ("gts", "boxes", "spacing") if k in case})
     return out_dir / "imgs" / name
-
-
-def write_synthetic_set(out_dir: str | os.PathLike, n2d: int = 6, n3d: int = 3, seed: int = 0,
-                        modalities_2d: Sequence[str] = ("Endoscopy", "X-Ray", "Dermoscopy", "Microscopy"),
-                        modalities_3d: Sequence[str] = ("CT", "MR", "PET"), tag: str = "synth",
-                        progress: bool = False) -> list[Path]:
-    """n2d 2D + n3d 3D random phantoms (sizes 192–512 px, 8–24 slices, 1–8 objects) in challenge
-    layout; modalities cycle through the given lists. Deterministic by seed. Returns imgs paths."""
-    rng = np.random.default_rng(seed)
-    written = []
-    for i in range(n2d + n3d):
-        kind = "2D" if i < n2d else "3D"
-        mods = modalities_2d if kind == "2D" else modalities_3d
-        mod = mods[(i if kind == "2D" else i - n2d) % len(mods)]
-        if kind == "2D":
-            shape = (int(rng.integers(192, 513)), int(rng.integers(192, 513)))
-            n_obj = int(rng.integers(1, 9))
-        else:
-            side = int(rng.integers(96, 161))
-            shape = (int(rng.integers(8, 25)), side, side)
-            n_obj = int(rng.integers(2, 6))
-        case = make_synthetic_case(kind, shape, n_obj, mod, seed=int(rng.integers(2**31)))
-        written.append(write_challenge_case(out_dir, case_name(kind, mod, i, tag), case))
-        if progress:
-            print(f"wrote {written[-1].name} {case['imgs'].shape} {n_obj} objects", file=sys.stderr)
-    return written
-
-
-# (kind, modality, shape, n_objects): the benchmark set, named <kind>Box_<Modality>_bench_XXXX.npz
-BENCH_CASES = (
-    ("3D", "CT", (64, 512, 512), 6),         # CT-like volume, 6 objects with overlapping z-ranges
-    ("2D", "Microscopy", (1024, 1024), 128),  # many boxes: 120+ prompts on one image
-    ("2D", "Endoscopy", (3024, 4032), 3),     # the largest challenge image size
-    ("2D", "X-Ray", (512, 512), 4),
-    ("3D", "MR", (24, 256, 224), 4),
-)
-
-
-def write_bench_set(out_dir: str | os.PathLike, seed: int = 0, progress: bool = False) -> list[Path]:
-    """The benchmark set (BENCH_CASES) in challenge layout. Returns imgs paths."""
-    written = []
-    for i, (kind, mod, shape, n_obj) in enumerate(BENCH_CASES):
-        case = make_synthetic_case(kind, shape, n_obj, mod, seed=seed * 1000 + i)
-        written.append(write_challenge_case(out_dir, case_name(kind, mod, i, "bench"), case))
-        if progress:
-            print(f"wrote {written[-1].name} {case['imgs'].shape} {n_obj} objects", file=sys.stderr)
-    return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import time
 
-    p = argparse.ArgumentParser(description="QMedSAM data tools: synthetic challenge cases and index summaries.",
+    p = argparse.ArgumentParser(description="Index a tree of challenge cases (npy headers only) and print slices "
+                                "per modality. Synthetic cases: python -m tools.phantoms.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("synth", help="write random synthetic cases in challenge layout (<out>/imgs, <out>/gts)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--n2d", type=int, default=6, help="number of 2D cases")
-    s.add_argument("--n3d", type=int, default=3, help="number of 3D cases")
-    s.add_argument("--seed", type=int, default=0, help="random seed (same seed → same files)")
-    b = sub.add_parser("bench-set", help="write the benchmark set (3D 64×512×512 CT-like, 2D with 128 boxes, 4032×3024 2D, …)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("--out", required=True, help="output folder")
-    b.add_argument("--seed", type=int, default=0, help="random seed")
     x = sub.add_parser("index", help="index a tree of cases (headers only) and print slices per modality",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     x.add_argument("root", help="folder of challenge npz cases")
     x.add_argument("--strategy", choices=("min", "max10"), default="min", help="balanced-sampler strategy for Ns(m)")
     x.add_argument("--header-cache", default=None, help="JSON file remembering npy headers between runs (HeaderCache)")
     a = p.parse_args(argv)
-    if a.cmd == "synth":
-        paths = write_synthetic_set(a.out, a.n2d, a.n3d, a.seed, progress=True)
-        print(f"{len(paths)} cases in {a.out}")
-    elif a.cmd == "bench-set":
-        paths = write_bench_set(a.out, a.seed, progress=True)
-        print(f"{len(paths)} cases in {a.out}")
-    else:
-        t0 = time.perf_counter()
-        idx = SliceIndex(a.root, require_labels=False, progress=True, header_cache=a.header_cache)
-        dt = time.perf_counter() - t0
-        ns = samples_per_modality(idx.slices_per_modality(), a.strategy)
-        n_unlabelled = sum(lab is None for lab in idx.label_files)
-        print(f"{len(idx.files)} files ({n_unlabelled} unlabelled), {len(idx)} slices, indexed in {dt:.2f} s")
-        for m, n in idx.slices_per_modality().items():
-            print(f"  {m:12s} N={n:8d}  Ns({a.strategy})={ns.get(m, 0)}")
+    t0 = time.perf_counter()
+    idx = SliceIndex(a.root, require_labels=False, progress=True, header_cache=a.header_cache)
+    dt = time.perf_counter() - t0
+    ns = samples_per_modality(idx.slices_per_modality(), a.strategy)
+    n_unlabelled = sum(lab is None for lab in idx.label_files)
+    print(f"{len(idx.files)} files ({n_unlabelled} unlabelled), {len(idx)} slices, indexed in {dt:.2f} s")
+    for m, n in idx.slices_per_modality().items():
+        print(f"  {m:12s} N={n:8d}  Ns({a.strategy})={ns.get(m, 0)}")
     return 0
 
 

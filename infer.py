@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -42,13 +42,13 @@ import data
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_DIR = REPO_DIR / "models" / "default"
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qmedsam" / "ov"
-# Boxes per decoder call. bench_memory.py, LiteMedSAM f32, 255 boxes on 2560×1920: -b 1/16/64 → peak RSS
-# 473/1264/3787 MB (~52 MB per box in a block), time flat (57/55/58 s); 16 keeps >6× headroom under 8 GB.
+# Boxes per decoder call: memory grows ~50 MB per box in a block while time per box stays flat
+# (tools/bench_memory.py); 16 keeps the peak far under the 8 GB limit with 255 boxes.
 DEFAULT_BLOCK = 16
 MAX_LABELS = 255  # a uint8 label map holds labels 1..255
 
-# 3D prompt mode per modality (from `3DBox_<Modality>_…` names). Issue 9 measures and edits this table;
-# until then the paper's fixed per-slice box everywhere.
+# 3D prompt mode per modality (from `3DBox_<Modality>_…` names), chosen on the dev set
+# (docs/pipeline_variants.md); unknown modalities take the paper's fixed per-slice box.
 PROMPT_3D_BY_MODALITY: dict[str, str] = {"CT": "box", "MR": "box", "PET": "box"}
 PROMPT_3D_FALLBACK = "box"
 PROMPT_3D_MODES = ("box", "propagate", "hybrid")
@@ -60,7 +60,7 @@ MASK_INTERPS = ("linear", "cubic", "nearest")
 
 @dataclass(frozen=True)
 class Pipeline:
-    """The knobs around the model (issue 9; evaluate.py compares them). None = the default: image
+    """The knobs around the model (tools/pipeline_variants.py compares them). None = the default: image
     preprocessing from data.preprocess_options(modality) (shared with training), the 3D prompt from
     PROMPT_3D_BY_MODALITY, everything else from PIPELINE_BY_MODALITY / PIPELINE_FALLBACK.
 
@@ -84,13 +84,10 @@ class Pipeline:
     min_area_ratio: float | None = None
 
 
-# Defaults of the non-preprocessing knobs (preprocessing defaults live in data.py, for training too).
-# margin_px 2: with --3d-prompt propagate, +3.0 DSC / +4.8 NSD over the baseline's 0 on the 8 dev volumes
-# (6 better, 2 worse), neutral on phantoms (docs/pipeline_variants.md); the default 3D prompt stays "box".
+# Defaults of the knobs after preprocessing (preprocessing defaults live in data.py, for training too),
+# chosen on the dev set (docs/pipeline_variants.md).
 PIPELINE_FALLBACK: dict[str, object] = {"mask_interp": "linear", "box_rounding": "float", "start_slice": "middle",
                                         "margin_px": 2.0, "min_area_ratio": HYBRID_MIN_AREA_RATIO}
-# US: boxes floor/ceil outward in 256 space, +1.1 DSC / +1.1 NSD on 4 HC18 dev cases (3 better, 1 tie);
-# with data.py's US bicubic resize +2.4 / +2.3 (docs/pipeline_variants.md).
 PIPELINE_BY_MODALITY: dict[str, dict[str, object]] = {"US": {"box_rounding": "outward"}}
 
 
@@ -98,18 +95,48 @@ class CaseError(Exception):
     """A case that cannot be segmented; the message names the problem (the file name is added later)."""
 
 
-# ---- models ------------------------------------------------------------------------------------------
+# ---- the model interface -----------------------------------------------------------------------------
+class Model:
+    """What the pipeline calls, numpy in and numpy out, implemented here for OpenVINO and ONNX Runtime
+    and in train.py for a torch LiteMedSAM (training's evaluation, the bench's baseline row):
+
+        encode(image B×3×256×256 float32) → image_embedding B×256×64×64
+        decode(image_embedding 1×256×64×64, boxes_256 N×4 in model space) → low_res_logits N×1×256×256
+
+    `encoder_calls` / `decoder_calls` count the calls; `precision` names the precision float ops run in."""
+
+    precision = "f32"
+
+    def __init__(self) -> None:
+        self.encoder_calls = 0
+        self.decoder_calls = 0
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        self.encoder_calls += 1
+        return self._encode(np.ascontiguousarray(image, np.float32))
+
+    def decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
+        self.decoder_calls += 1
+        return self._decode(image_embedding, np.ascontiguousarray(boxes_256, np.float32))
+
+    def _encode(self, image: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
 ENCODER_BATCH = 1  # slices per encoder call: the pipeline embeds one image / 3D slice at a time
 
 
-class OpenVINOModel:
-    """encoder.xml (image B×3×256×256 → image_embedding B×256×64×64) and decoder.xml (image_embedding
-    1×256×64×64 + boxes N×4 in model space → low_res_logits N×1×256×256), compiled once on CPU."""
+class OpenVINOModel(Model):
+    """encoder.xml + decoder.xml of a model dir, compiled once on CPU."""
 
     def __init__(self, model_dir: Path, precision: str = "auto", threads: int | None = None,
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, encoder_batch: int | None = ENCODER_BATCH):
         import openvino as ov
 
+        super().__init__()
         core = ov.Core()
         if cache_dir:
             try:
@@ -123,7 +150,7 @@ class OpenVINOModel:
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         encoder = core.read_model(str(Path(model_dir) / "encoder.xml"))
-        if encoder_batch:  # a static input shape: 7 % faster encoder than the IR's dynamic batch (bench_batch.py)
+        if encoder_batch:  # a static input shape runs faster than the IR's dynamic batch (tools/bench_batch.py)
             encoder.reshape({encoder.inputs[0]: [encoder_batch, *encoder.inputs[0].get_partial_shape()[1:]]})
         self.encoder = core.compile_model(encoder, "CPU", config)
         self.decoder = core.compile_model(str(Path(model_dir) / "decoder.xml"), "CPU", config)
@@ -136,54 +163,43 @@ class OpenVINOModel:
         self._logits = _port(self.decoder.outputs, "low_res_logits", 0)
         self._enc_request = self.encoder.create_infer_request()
         self._dec_request = self.decoder.create_infer_request()
-        self.encoder_calls = 0
-        self.decoder_calls = 0
 
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        """image B×3×256×256 float32 → image_embedding B×256×64×64 (a copy); B = encoder_batch if set."""
-        self.encoder_calls += 1
+    def _encode(self, image: np.ndarray) -> np.ndarray:
         return self._enc_request.infer({self._image: image})[self._embedding_out]
 
-    def decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
-        """image_embedding 1×256×64×64, boxes_256 N×4 → low_res_logits N×1×256×256 (a copy)."""
-        self.decoder_calls += 1
-        out = self._dec_request.infer({self._embedding_in: image_embedding,
-                                       self._boxes: np.ascontiguousarray(boxes_256, np.float32)})
-        return out[self._logits]
+    def _decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
+        return self._dec_request.infer({self._embedding_in: image_embedding, self._boxes: boxes_256})[self._logits]
 
 
-class OnnxRuntimeModel:
-    """The same contract from encoder.onnx / decoder.onnx through ONNX Runtime (CPU)."""
+class OnnxRuntimeModel(Model):
+    """encoder.onnx + decoder.onnx of a model dir through ONNX Runtime (CPU)."""
 
     def __init__(self, model_dir: Path, threads: int | None = None):
         import onnxruntime as ort
 
+        super().__init__()
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
-        make = lambda name: ort.InferenceSession(str(Path(model_dir) / name), options,  # noqa: E731
-                                                 providers=["CPUExecutionProvider"])
-        self.encoder, self.decoder = make("encoder.onnx"), make("decoder.onnx")
-        self.precision = "f32"
-        names = lambda ports: [p.name for p in ports]  # noqa: E731
+
+        def session(name: str):
+            return ort.InferenceSession(str(Path(model_dir) / name), options, providers=["CPUExecutionProvider"])
+
+        def names(ports) -> list[str]:
+            return [p.name for p in ports]
+
+        self.encoder, self.decoder = session("encoder.onnx"), session("decoder.onnx")
         self._image = _pick(names(self.encoder.get_inputs()), "image", 0)
         self._embedding_out = _pick(names(self.encoder.get_outputs()), "image_embedding", 0)
         self._embedding_in = _pick(names(self.decoder.get_inputs()), "image_embedding", 0)
         self._boxes = _pick(names(self.decoder.get_inputs()), "boxes", 1)
         self._logits = _pick(names(self.decoder.get_outputs()), "low_res_logits", 0)
-        self.encoder_calls = 0
-        self.decoder_calls = 0
 
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        """image B×3×256×256 float32 → image_embedding B×256×64×64."""
-        self.encoder_calls += 1
+    def _encode(self, image: np.ndarray) -> np.ndarray:
         return self.encoder.run([self._embedding_out], {self._image: image})[0]
 
-    def decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
-        """image_embedding 1×256×64×64, boxes_256 N×4 → low_res_logits N×1×256×256."""
-        self.decoder_calls += 1
-        return self.decoder.run([self._logits], {self._embedding_in: image_embedding,
-                                                 self._boxes: np.ascontiguousarray(boxes_256, np.float32)})[0]
+    def _decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
+        return self.decoder.run([self._logits], {self._embedding_in: image_embedding, self._boxes: boxes_256})[0]
 
 
 def _port(ports, name: str, index: int):
@@ -199,15 +215,15 @@ def _pick(names: list[str], name: str, index: int) -> str:
 
 
 def load_model(model_dir: Path, backend: str = "openvino", precision: str = "auto",
-               threads: int | None = None, cache_dir: Path | None = DEFAULT_CACHE_DIR):
+               threads: int | None = None, cache_dir: Path | None = DEFAULT_CACHE_DIR) -> Model:
     """The model of `model_dir` for `backend`; raises FileNotFoundError with a one-line how-to-fix."""
     model_dir = Path(model_dir)
     needed = ("encoder.xml", "decoder.xml") if backend == "openvino" else ("encoder.onnx", "decoder.onnx")
     missing = [n for n in needed if not (model_dir / n).is_file()]
     if missing:
         what = "not found" if not model_dir.is_dir() else f"has no {', '.join(missing)}"
-        raise FileNotFoundError(f"model dir {model_dir} {what}: make one with "
-                                f"`python export.py --checkpoint CKPT --out {model_dir}` (or pass -m MODEL_DIR)")
+        how = "python export.py " + ("--out MODEL_DIR" if backend == "openvino" else "--no-ir --out MODEL_DIR")
+        raise FileNotFoundError(f"model dir {model_dir} {what}: make one with `{how}` (or pass -m MODEL_DIR)")
     if backend == "openvino":
         return OpenVINOModel(model_dir, precision, threads, cache_dir)
     return OnnxRuntimeModel(model_dir, threads)
@@ -243,7 +259,8 @@ def load_case(path: Path) -> Case:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in ("imgs", "boxes") if k not in npz.files]
             if missing:
-                raise CaseError(f"missing array {' and '.join(map(repr, missing))} (has: {', '.join(npz.files) or 'nothing'})")
+                raise CaseError(f"missing array {' and '.join(map(repr, missing))} "
+                                f"(has: {', '.join(npz.files) or 'nothing'})")
             imgs, boxes = npz["imgs"], npz["boxes"]
     except CaseError:
         raise
@@ -264,17 +281,10 @@ def repair_case(name: str, imgs: np.ndarray, boxes: np.ndarray) -> Case:
     if imgs.size == 0:
         raise CaseError(f"imgs is empty (shape {imgs.shape})")
 
-    name_dim = name[:2] if name[:2] in ("2D", "3D") else None
-    box_dim = {4: "2D", 6: "3D"}.get(boxes.shape[-1] if boxes.ndim else -1)
-    if imgs.ndim == 4 and imgs.shape[3] == 1:
-        imgs, is_3d = imgs[..., 0], True
-    elif imgs.ndim == 2:
-        is_3d = False
-    elif imgs.ndim == 3 and imgs.shape[2] in (1, 3, 4) and (name_dim or box_dim) != "3D":
-        is_3d = False  # H×W×C: a colour image unless the name (or the boxes) say 3D
-    elif imgs.ndim == 3 and name_dim != "2D":
-        is_3d = True
-    else:
+    is_3d = data.is_3d_case(name, imgs.shape, boxes.shape[-1] if boxes.ndim else None)
+    if imgs.ndim == 4 and is_3d:
+        imgs = imgs[..., 0]  # D×H×W×1
+    if imgs.ndim not in (2, 3) or (not is_3d and imgs.ndim == 3 and imgs.shape[2] not in (1, 3, 4)):
         raise CaseError(f"imgs has shape {imgs.shape}: expected H×W×3 (2D) or D×H×W (3D)")
     if not is_3d and imgs.ndim == 3 and imgs.shape[2] == 1:
         imgs = imgs[:, :, 0]
@@ -395,22 +405,6 @@ def model_input(img2d: np.ndarray, interp: str | None = None, norm_then_pad: boo
 
 
 # ---- segmentation ------------------------------------------------------------------------------------
-def _write(segs2d: np.ndarray, mask: np.ndarray, label: int) -> None:
-    """Overlap rule: the higher label (the later box) wins, independent of the writing order."""
-    np.maximum(segs2d, np.uint8(label), out=segs2d, where=mask)
-
-
-def _decode_masks(model, image_embedding: np.ndarray, boxes_xy: np.ndarray, hw: tuple[int, int], block: int,
-                  mask_interp: str = "linear", box_rounding: str = "float"):
-    """Yield (k, bool H×W mask) for each row k of boxes_xy (N×4 original pixels), ≤ block per decoder call."""
-    boxes_256 = data.boxes_to_256(boxes_xy, hw, rounding=box_rounding)
-    for start in range(0, len(boxes_xy), block):
-        low_res_logits = model.decode(image_embedding, boxes_256[start:start + block])
-        for j in range(low_res_logits.shape[0]):
-            yield start + j, data.postprocess_logits(low_res_logits[j, 0], hw, interp=mask_interp)
-        del low_res_logits
-
-
 def resolve_pipeline(case: Case, pipe: Pipeline | None = None) -> Pipeline:
     """`pipe` with every None replaced by the default for the case's modality (file-name prefix)."""
     pipe = pipe or Pipeline()
@@ -422,18 +416,140 @@ def resolve_pipeline(case: Case, pipe: Pipeline | None = None) -> Pipeline:
     return Pipeline(**{k: (table[k] if v is None else v) for k, v in vars(pipe).items()})
 
 
-def segment_2d(model, case: Case, block: int, pipe: Pipeline | None = None) -> np.ndarray:
-    """2D case → uint8 H×W label map: one encoder call, ⌈N/block⌉ decoder calls."""
+def segment_case(model: Model, case: Case, block: int = DEFAULT_BLOCK, pipe: Pipeline | None = None) -> np.ndarray:
+    """A repaired case → its uint8 label map (shape case.segs_shape); unset knobs of `pipe` take the
+    per-modality defaults (resolve_pipeline)."""
     pipe = resolve_pipeline(case, pipe)
+    return segment_3d(model, case, pipe, block) if case.is_3d else segment_2d(model, case, pipe, block)
+
+
+def _write(segs2d: np.ndarray, mask: np.ndarray, label: int) -> None:
+    """Overlap rule: the higher label (the later box) wins, independent of the writing order."""
+    np.maximum(segs2d, np.uint8(label), out=segs2d, where=mask)
+
+
+def _decode_masks(model: Model, image_embedding: np.ndarray, boxes_xy: np.ndarray, hw: tuple[int, int],
+                  block: int, pipe: Pipeline):
+    """Yield (k, bool H×W mask) for each row k of boxes_xy (N×4 original pixels), ≤ block per decoder call."""
+    boxes_256 = data.boxes_to_256(boxes_xy, hw, rounding=pipe.box_rounding)
+    for start in range(0, len(boxes_xy), block):
+        low_res_logits = model.decode(image_embedding, boxes_256[start:start + block])
+        for j in range(low_res_logits.shape[0]):
+            yield start + j, data.postprocess_logits(low_res_logits[j, 0], hw, interp=pipe.mask_interp)
+        del low_res_logits
+
+
+def _embed(model: Model, img2d: np.ndarray, pipe: Pipeline, modality: str) -> np.ndarray:
+    """One image or slice → its image_embedding 1×256×64×64."""
+    return model.encode(model_input(img2d, pipe.image_interp, pipe.norm_then_pad, modality)[None])
+
+
+def segment_2d(model: Model, case: Case, pipe: Pipeline, block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """2D case → uint8 H×W label map: one encoder call, ⌈N/block⌉ decoder calls. `pipe` is resolved."""
     hw = case.segs_shape
     segs = np.zeros(hw, np.uint8)
     rows = np.flatnonzero(case.valid)
     if len(rows) == 0:
         return segs
-    image_embedding = model.encode(model_input(case.imgs, pipe.image_interp, pipe.norm_then_pad, case.modality)[None])
-    for k, mask in _decode_masks(model, image_embedding, case.boxes[rows], hw, block, pipe.mask_interp, pipe.box_rounding):
+    image_embedding = _embed(model, case.imgs, pipe, case.modality)
+    for k, mask in _decode_masks(model, image_embedding, case.boxes[rows], hw, block, pipe):
         _write(segs, mask, int(rows[k]) + 1)
     return segs
+
+
+class _Volume:
+    """One 3D case being segmented: its valid boxes (x/y prompt, z-range, label; row k ↔ box k), slice
+    embeddings on demand (kept for a later sweep up to EMBED_CACHE_MB) and the label map being written."""
+
+    def __init__(self, model: Model, case: Case, pipe: Pipeline, block: int):
+        self.model, self.case, self.pipe, self.block = model, case, pipe, block
+        self.hw = case.imgs.shape[1:]
+        self.segs = np.zeros(case.imgs.shape, np.uint8)
+        rows = np.flatnonzero(case.valid)
+        self.xy = case.boxes[rows][:, [0, 1, 3, 4]]
+        self.z0, self.z1 = case.boxes[rows, 2].astype(int), case.boxes[rows, 5].astype(int)
+        self.labels = rows + 1
+        self.kept: dict[int, np.ndarray] = {}
+        self.keep_limit = int(EMBED_CACHE_MB * 2**20 // (256 * 64 * 64 * 4))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def on(self, z: int) -> np.ndarray:
+        """Rows of the boxes whose z-range holds slice z."""
+        return np.flatnonzero((self.z0 <= z) & (z <= self.z1))
+
+    def slices(self) -> range:
+        return range(int(self.z0.min()), int(self.z1.max()) + 1)
+
+    def embed(self, z: int) -> np.ndarray:
+        """Slice z's embedding: the kept one (handed over once), else one encoder call."""
+        if z in self.kept:
+            return self.kept.pop(z)
+        return _embed(self.model, self.case.imgs[z], self.pipe, self.case.modality)
+
+    def keep(self, z: int, embedding: np.ndarray) -> None:
+        if len(self.kept) < self.keep_limit:
+            self.kept[z] = embedding
+
+    def masks(self, embedding: np.ndarray, boxes_xy: np.ndarray):
+        return _decode_masks(self.model, embedding, boxes_xy, self.hw, self.block, self.pipe)
+
+    def write(self, z: int, row: int, mask: np.ndarray) -> None:
+        _write(self.segs[z], mask, int(self.labels[row]))
+
+
+def segment_3d(model: Model, case: Case, pipe: Pipeline, block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """3D case → uint8 D×H×W label map. Each slice's embedding is computed once for all its boxes.
+    `pipe` is resolved; pipe.prompt_3d chooses how a 3D box prompts each slice of its z-range:
+
+    box:       the box's x/y on every slice (the paper's way).
+    propagate: the start slice gets the box; each next slice (up, then down) gets the bounding box of
+               the previous slice's mask, grown by pipe.margin_px; a box stops when its mask vanishes.
+    hybrid:    propagate, but use the box's x/y on a slice whose propagated mask is empty or smaller
+               than pipe.min_area_ratio × the previous slice's.
+    Start slice (pipe.start_slice): "middle" of the z-range (the baseline's), or "largest": the slice
+    where the box's x/y gives the largest mask (one box-mode pass over the z-range first).
+    """
+    vol = _Volume(model, case, pipe, block)
+    if len(vol) == 0:
+        return vol.segs
+    if pipe.prompt_3d == "box":
+        _box_every_slice(vol)
+        return vol.segs
+    if pipe.prompt_3d not in ("propagate", "hybrid"):
+        raise ValueError(f"unknown 3D prompt mode {pipe.prompt_3d!r}")
+    if pipe.start_slice not in START_SLICES:
+        raise ValueError(f"unknown start slice {pipe.start_slice!r} (expected one of {START_SLICES})")
+    start = (vol.z0 + vol.z1) // 2  # the baseline's int((z1 - z0) / 2 + z0)
+    if pipe.start_slice == "largest":
+        start = _largest_mask_slice(vol, start)
+    _propagate(vol, start, hybrid=pipe.prompt_3d == "hybrid")
+    return vol.segs
+
+
+def _box_every_slice(vol: _Volume) -> None:
+    for z in vol.slices():
+        active = vol.on(z)
+        if len(active) == 0:
+            continue
+        for k, mask in vol.masks(vol.embed(z), vol.xy[active]):
+            vol.write(z, active[k], mask)
+
+
+def _largest_mask_slice(vol: _Volume, middle: np.ndarray) -> np.ndarray:
+    """Per box, the first slice where its x/y prompt gives the largest mask (`middle` where it finds
+    nothing anywhere); the embeddings are kept for the propagation sweeps."""
+    area = np.zeros((len(vol), vol.segs.shape[0]), np.int64)
+    for z in vol.slices():
+        active = vol.on(z)
+        if len(active) == 0:
+            continue
+        emb = vol.embed(z)
+        vol.keep(z, emb)
+        for k, mask in vol.masks(emb, vol.xy[active]):
+            area[active[k], z] = int(mask.sum())
+    return np.where(area.max(axis=1) > 0, area.argmax(axis=1), middle)
 
 
 def _bbox(mask: np.ndarray) -> np.ndarray | None:
@@ -449,134 +565,55 @@ def _grow(bbox: np.ndarray | None, margin_px: float, hw: tuple[int, int]) -> np.
     return np.clip(bbox + np.array([-margin_px, -margin_px, margin_px, margin_px]), 0, [w - 1, h - 1, w - 1, h - 1])
 
 
-def segment_3d(model, case: Case, block: int, prompt: str = "box",
-               min_area_ratio: float = HYBRID_MIN_AREA_RATIO, cache_mb: float = EMBED_CACHE_MB,
-               pipe: Pipeline | None = None) -> np.ndarray:
-    """3D case → uint8 D×H×W label map. Each slice's embedding is computed once for all its boxes.
-
-    box:       every slice of a box's z-range gets the box's x/y (the paper's way).
-    propagate: the start slice gets the box; each next slice (up, then down) gets the bounding box of
-               the previous slice's mask (grown by pipe.margin_px); a box stops when its mask vanishes.
-    hybrid:    propagate, but use the 3D box's x/y on a slice whose propagated mask is empty or smaller
-               than `min_area_ratio` × the previous slice's.
-    Start slice (pipe.start_slice): "middle" of the z-range (the baseline's), or "largest": the slice
-    where the box's x/y prompt gives the largest mask (one box-mode pass over the z-range first).
-    `pipe` also sets the image preprocessing, mask upsampling and box rounding; `prompt` and
-    `min_area_ratio` are given explicitly (segment_case takes them from the resolved pipe).
-    """
-    pipe = resolve_pipeline(case, pipe)
-    depth, height, width = case.imgs.shape
-    hw = (height, width)
-    segs = np.zeros((depth, height, width), np.uint8)
-    rows = np.flatnonzero(case.valid)
-    if len(rows) == 0:
-        return segs
-    xy = case.boxes[rows][:, [0, 1, 3, 4]]
-    z0, z1 = case.boxes[rows, 2].astype(int), case.boxes[rows, 5].astype(int)
-    labels = rows + 1
-
-    def embed(z: int) -> np.ndarray:
-        return model.encode(model_input(case.imgs[z], pipe.image_interp, pipe.norm_then_pad, case.modality)[None])
-
-    def decode(emb: np.ndarray, boxes_xy: np.ndarray):
-        return _decode_masks(model, emb, boxes_xy, hw, block, pipe.mask_interp, pipe.box_rounding)
-
-    if prompt == "box":
-        for z in range(int(z0.min()), int(z1.max()) + 1):
-            active = np.flatnonzero((z0 <= z) & (z <= z1))
-            if len(active) == 0:
-                continue
-            emb = embed(z)
-            for k, mask in decode(emb, xy[active]):
-                _write(segs[z], mask, int(labels[active[k]]))
-        return segs
-
-    if prompt not in ("propagate", "hybrid"):
-        raise ValueError(f"unknown 3D prompt mode {prompt!r}")
-    if pipe.start_slice not in START_SLICES:
-        raise ValueError(f"unknown start slice {pipe.start_slice!r} (expected one of {START_SLICES})")
-    cache: dict[int, np.ndarray] = {}
-    cache_slices = int(cache_mb * 2**20 // (256 * 64 * 64 * 4))
-    mid = (z0 + z1) // 2  # the baseline's int((z1 - z0) / 2 + z0)
-    if pipe.start_slice == "largest":
-        area = np.zeros((len(rows), depth), np.int64)
-        for z in range(int(z0.min()), int(z1.max()) + 1):
-            active = np.flatnonzero((z0 <= z) & (z <= z1))
-            if len(active) == 0:
-                continue
-            emb = embed(z)
-            if len(cache) < cache_slices:
-                cache[z] = emb  # the propagation sweeps reuse it
-            for k, mask in decode(emb, xy[active]):
-                area[active[k], z] = int(mask.sum())
-        # first slice of the largest area; the middle if the box finds nothing anywhere
-        mid = np.where(area.max(axis=1) > 0, area.argmax(axis=1), mid)
-    margin = float(pipe.margin_px or 0.0)
-    mid_state: dict[int, tuple[np.ndarray | None, int]] = {}  # box → (mask bbox, area) on its start slice
+def _propagate(vol: _Volume, start: np.ndarray, hybrid: bool) -> None:
+    """Sweep up from each box's start slice to z1, then down from start − 1 to z0, each slice prompted
+    by the previous slice's mask bbox (see segment_3d)."""
+    margin, ratio = float(vol.pipe.margin_px or 0.0), vol.pipe.min_area_ratio
+    start_state: dict[int, tuple[np.ndarray | None, int]] = {}  # row → (mask bbox, area) on its start slice
 
     def next_prompt(i: int, bbox: np.ndarray | None) -> np.ndarray | None:
-        if bbox is None:
-            return xy[i] if prompt == "hybrid" else None
-        return _grow(bbox, margin, hw)
+        if bbox is None:  # the object vanished: stop, or (hybrid) fall back to the box
+            return vol.xy[i] if hybrid else None
+        return _grow(bbox, margin, vol.hw)
 
     for direction in (+1, -1):
-        start = mid if direction > 0 else mid - 1
-        end = z1 if direction > 0 else z0
-        todo = np.flatnonzero((end - start) * direction >= 0)
+        first = start if direction > 0 else start - 1
+        last = vol.z1 if direction > 0 else vol.z0
+        todo = np.flatnonzero((last - first) * direction >= 0)
         if len(todo) == 0:
             continue
         prompt_box: dict[int, np.ndarray | None] = {}
         prev_area: dict[int, int] = {}
         for i in todo:
             if direction > 0:
-                prompt_box[i], prev_area[i] = xy[i], 0
+                prompt_box[i], prev_area[i] = vol.xy[i], 0
             else:
-                bbox, area_i = mid_state[i]
-                prompt_box[i], prev_area[i] = next_prompt(i, bbox), area_i
-        zs = range(int(start[todo].min()), int(end[todo].max()) + 1) if direction > 0 else \
-            range(int(start[todo].max()), int(end[todo].min()) - 1, -1)
+                bbox, prev_area[i] = start_state[i]
+                prompt_box[i] = next_prompt(i, bbox)
+        zs = (range(int(first[todo].min()), int(last[todo].max()) + 1) if direction > 0 else
+              range(int(first[todo].max()), int(last[todo].min()) - 1, -1))
         for z in zs:
-            active = [i for i in todo if (z - start[i]) * direction >= 0 and (end[i] - z) * direction >= 0
+            active = [i for i in todo if (z - first[i]) * direction >= 0 and (last[i] - z) * direction >= 0
                       and prompt_box[i] is not None]
             if not active:
                 continue
-            emb = cache.pop(z) if z in cache else embed(z)
-            if direction > 0 and len(cache) < cache_slices and ((z0 <= z) & (z < mid)).any():
-                cache[z] = emb  # the downward sweep will need this slice again
-            masks = {active[k]: m for k, m in decode(emb, np.stack([prompt_box[i] for i in active]))}
-            if prompt == "hybrid":
-                retry = [i for i in active if not np.array_equal(prompt_box[i], xy[i]) and
-                         (not masks[i].any() or masks[i].sum() < min_area_ratio * prev_area[i])]
+            emb = vol.embed(z)
+            if direction > 0 and ((vol.z0 <= z) & (z < start)).any():
+                vol.keep(z, emb)  # the downward sweep needs this slice again
+            masks = {active[k]: m for k, m in vol.masks(emb, np.stack([prompt_box[i] for i in active]))}
+            if hybrid:
+                retry = [i for i in active if not np.array_equal(prompt_box[i], vol.xy[i]) and
+                         (not masks[i].any() or masks[i].sum() < ratio * prev_area[i])]
                 if retry:
-                    for k, m in decode(emb, xy[retry]):
+                    for k, m in vol.masks(emb, vol.xy[retry]):
                         masks[retry[k]] = m
             for i in active:
                 mask = masks.pop(i)
-                _write(segs[z], mask, int(labels[i]))
-                area_i, bbox = int(mask.sum()), _bbox(mask)
-                if direction > 0 and z == mid[i]:
-                    mid_state[i] = (bbox, area_i)
+                vol.write(z, i, mask)
+                bbox, prev_area[i] = _bbox(mask), int(mask.sum())
+                if direction > 0 and z == start[i]:
+                    start_state[i] = (bbox, prev_area[i])
                 prompt_box[i] = next_prompt(i, bbox)
-                prev_area[i] = area_i
-    return segs
-
-
-def prompt_mode(case: Case, override: str | None) -> str:
-    """--3d-prompt if given, else the per-modality default table."""
-    return override or PROMPT_3D_BY_MODALITY.get(case.modality, PROMPT_3D_FALLBACK)
-
-
-def segment_case(model, case: Case, block: int = DEFAULT_BLOCK, prompt_3d: str | None = None,
-                 pipe: Pipeline | None = None) -> np.ndarray:
-    """A repaired case → its uint8 label map (shape case.segs_shape). `prompt_3d`, if given, overrides
-    pipe.prompt_3d; unset knobs take the per-modality defaults (resolve_pipeline)."""
-    pipe = pipe or Pipeline()
-    if prompt_3d is not None:
-        pipe = replace(pipe, prompt_3d=prompt_3d)
-    pipe = resolve_pipeline(case, pipe)
-    if case.is_3d:
-        return segment_3d(model, case, block, pipe.prompt_3d, pipe.min_area_ratio, pipe=pipe)
-    return segment_2d(model, case, block, pipe)
 
 
 # ---- files -------------------------------------------------------------------------------------------
@@ -624,15 +661,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Segment every challenge .npz case of INPUT_DIR into OUTPUT_DIR "
                                 "(segs label maps). Exit code 0: all done, 1: some case failed, 2: could not run.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--input", required=True, type=Path, metavar="INPUT_DIR", help="folder of input .npz cases (imgs, boxes)")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTPUT_DIR", help="folder for the output .npz (segs), created if missing")
+    p.add_argument("-i", "--input", required=True, type=Path, metavar="INPUT_DIR",
+                   help="folder of input .npz cases (imgs, boxes)")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTPUT_DIR",
+                   help="folder for the output .npz (segs), created if missing")
     p.add_argument("-m", "--model", type=Path, default=DEFAULT_MODEL_DIR, metavar="MODEL_DIR",
                    help="model dir with encoder/decoder .xml/.bin (or .onnx for --backend onnxruntime)")
-    p.add_argument("-b", "--block", type=int, default=DEFAULT_BLOCK, metavar="BLOCK", help="max boxes per decoder call (bounds memory)")
+    p.add_argument("-b", "--block", type=int, default=DEFAULT_BLOCK, metavar="BLOCK",
+                   help="max boxes per decoder call (bounds memory)")
     p.add_argument("--precision", choices=("f32", "bf16", "auto"), default="auto",
                    help="OpenVINO INFERENCE_PRECISION_HINT; auto = OpenVINO's default for this CPU")
     p.add_argument("--backend", choices=("openvino", "onnxruntime"), default="openvino", help="inference runtime")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="inference threads; none = the runtime's choice")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="inference threads; none = the runtime's choice")
     p.add_argument("--3d-prompt", dest="prompt_3d", choices=PROMPT_3D_MODES, default=None,
                    help=f"how 3D boxes prompt each slice; default per modality {PROMPT_3D_BY_MODALITY}, "
                         f"else {PROMPT_3D_FALLBACK}")
@@ -645,24 +686,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mask-interp", choices=MASK_INTERPS, default=None,
                    help=f"upsampling of the 256² logits; default per modality, else {PIPELINE_FALLBACK['mask_interp']}")
     p.add_argument("--box-rounding", choices=data.BOX_ROUNDINGS, default=None,
-                   help=f"boxes in 256 space: float, round, or floor/ceil outward; default {PIPELINE_FALLBACK['box_rounding']}")
+                   help="boxes in 256 space: float, round, or floor/ceil outward; "
+                        f"default {PIPELINE_FALLBACK['box_rounding']}")
     p.add_argument("--start-slice", choices=START_SLICES, default=None,
                    help="propagate/hybrid start: middle of the z-range or the slice of the largest box-prompted mask; "
                         f"default per modality, else {PIPELINE_FALLBACK['start_slice']}")
     p.add_argument("--margin-px", type=float, default=None, metavar="PX",
-                   help=f"propagate/hybrid: grow propagated boxes by PX per side; default {PIPELINE_FALLBACK['margin_px']}")
+                   help="propagate/hybrid: grow propagated boxes by PX per side; "
+                        f"default {PIPELINE_FALLBACK['margin_px']}")
     p.add_argument("--hybrid-ratio", type=float, default=None, metavar="R",
                    help="hybrid: fall back to the 3D box when the mask area drops below R × the previous slice's; "
                         f"default {PIPELINE_FALLBACK['min_area_ratio']}")
-    p.add_argument("--overlay", type=Path, default=None, metavar="DIR", help="also write a PNG overlay per case into this folder")
+    p.add_argument("--overlay", type=Path, default=None, metavar="DIR",
+                   help="also write a PNG overlay per case into this folder")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or info lines (warnings and errors still print)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar or info lines (warnings and errors still print)")
     p.add_argument("--times", type=str, default=None, metavar="CSV",
                    help="per-case seconds CSV (case,time); default <OUTPUT_DIR>_times.csv beside OUTPUT_DIR; '' = none")
     p.add_argument("--cache-dir", type=str, default=str(DEFAULT_CACHE_DIR), metavar="DIR",
                    help="OpenVINO compiled-model cache folder; '' = no cache")
     p.add_argument("--gts", type=Path, default=None, metavar="DIR",
-                   help="folder of ground-truth npz (gts, spacing): print DSC/NSD per case and modality after inference")
+                   help="folder of ground-truth npz (gts, spacing): print DSC/NSD per case and modality after "
+                        "inference")
     args = p.parse_args(argv)
     if args.block < 1:
         p.error("-b/--block must be ≥ 1")
@@ -675,8 +721,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    say = (lambda msg: tqdm.write(msg, file=sys.stderr))
-    info = (lambda msg: None) if args.quiet else say
+    def say(msg: str) -> None:
+        tqdm.write(msg, file=sys.stderr)
+
+    def info(msg: str) -> None:
+        if not args.quiet:
+            say(msg)
 
     in_dir, out_dir = args.input, args.output
     if not in_dir.is_dir():

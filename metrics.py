@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from data import modality_of  # one file-name rule for the sampler and the tables (numpy/opencv, no torch)
+from data import is_3d_case, modality_of  # the file-name rules of the sampler and the pipeline (no torch)
 
 NSD_TOLERANCE_MM = 2.0
 NSD_DSC_THRESHOLD = 0.2  # challenge: NSD only counts for cases whose mean DSC is above this
@@ -279,7 +279,7 @@ def evaluate_dirs(seg_dir: str | Path, gts_dir: str | Path,
                   tolerance_mm: float = NSD_TOLERANCE_MM) -> list[dict]:
     """Score every ``*.npz`` in `seg_dir` that has a namesake in `gts_dir` (sorted by name).
 
-    Returns rows ``{case, modality, dsc, nsd}``; 3D is decided by the name starting with "3D".
+    Returns rows ``{case, modality, dsc, nsd}``; 3D or not by data.is_3d_case (name, then shape).
     """
     seg_dir, gts_dir = Path(seg_dir), Path(gts_dir)
     names = sorted(p.name for p in seg_dir.glob("*.npz") if (gts_dir / p.name).exists())
@@ -288,9 +288,10 @@ def evaluate_dirs(seg_dir: str | Path, gts_dir: str | Path,
         with np.load(gts_dir / name, allow_pickle=True) as gt_npz, np.load(seg_dir / name) as seg_npz:
             if "gts" not in gt_npz or "segs" not in seg_npz:
                 raise KeyError(f"{name}: need 'gts' in {gts_dir} and 'segs' in {seg_dir}")
-            is_3d = name.startswith("3D")
+            gts = gt_npz["gts"]
+            is_3d = is_3d_case(name, gts.shape)
             spacing = tuple(gt_npz["spacing"]) if is_3d else None
-            dsc, nsd_ = case_metrics(gt_npz["gts"], seg_npz["segs"], spacing, is_3d, tolerance_mm)
+            dsc, nsd_ = case_metrics(gts, seg_npz["segs"], spacing, is_3d, tolerance_mm)
         rows.append(dict(case=name, modality=modality_of(name), dsc=dsc, nsd=nsd_))
         print(f"[{k + 1}/{len(names)}] {name} DSC {dsc:.4f} NSD {nsd_:.4f}", file=sys.stderr)
     return rows
@@ -323,7 +324,8 @@ def format_table(rows: list[dict] | None = None, summary: dict[str, dict[str, fl
     if rows:
         width = max(len("case"), *(len(r["case"]) for r in rows))
         timed = all("time_s" in r for r in rows)
-        lines.append(f"{'case':<{width}}  {'modality':<12} {'DSC':>7} {'NSD':>7}" + (f" {'time s':>8}" if timed else ""))
+        lines.append(f"{'case':<{width}}  {'modality':<12} {'DSC':>7} {'NSD':>7}"
+                     + (f" {'time s':>8}" if timed else ""))
         lines += [f"{r['case']:<{width}}  {r['modality']:<12} {r['dsc']:7.4f} {r['nsd']:7.4f}"
                   + (f" {r['time_s']:8.2f}" if timed else "") for r in rows]
     if summary:

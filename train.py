@@ -155,7 +155,7 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
                    help="training tree (challenge layout or our synthetic/dev layout)")
     p.add_argument("--extra-data", nargs="*", default=d["extra_data"], metavar="DIR",
                    help="more training trees, added to the training files only (the eval split of "
-                        "--data is unchanged): e.g. synthetic phantoms from `python data.py synth`")
+                        "--data is unchanged): e.g. synthetic phantoms from `python -m tools.phantoms synth`")
     p.add_argument("--eval-root", default=d["eval_root"],
                    help="separate evaluation tree; None = hold out --eval-fraction of --data")
     p.add_argument("--eval-fraction", type=float, default=d["eval_fraction"],
@@ -398,25 +398,23 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
 
 # ---- evaluation (infer.py's segmentation pipeline, the challenge metrics) ----
 
-def slice_window(depth: int, boxes: np.ndarray, max_slices: int) -> tuple[int, int]:
-    """3D eval window [z_lo, z_hi): all slices, or `max_slices` contiguous ones centred on the
-    boxes' z-extent (contiguous, so 3D NSD stays meaningful)."""
-    if max_slices <= 0 or depth <= max_slices:
-        return 0, depth
-    z_lo, z_hi = int(boxes[:, 2].min()), int(boxes[:, 5].max()) + 1
-    start = max(0, min((z_lo + z_hi) // 2 - max_slices // 2, depth - max_slices))
-    return start, start + max_slices
+class TorchModel(infer.Model):
+    """infer's model interface over a torch LiteMedSAM, so evaluation (and the bench's baseline row) runs
+    infer.segment_case itself: the same preprocessing, box mapping, mask upsampling and 3D prompting as
+    the challenge entrypoint."""
 
+    def __init__(self, net: nn.Module, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.net, self.device = net, torch.device(device)
 
-def window_case(name: str, imgs: np.ndarray, boxes: np.ndarray, z_lo: int, z_hi: int):
-    """A 3D case cut to slices [z_lo, z_hi) as an infer.Case: box z-ranges shifted and clipped;
-    boxes wholly outside the window keep their row (labels stay box index + 1) but are invalid."""
-    inside = (boxes[:, 5] >= z_lo) & (boxes[:, 2] < z_hi)
-    cut = boxes.astype(np.float64).copy()
-    cut[:, [2, 5]] = np.clip(cut[:, [2, 5]] - z_lo, 0, z_hi - z_lo - 1)
-    case = infer.repair_case(name, imgs[z_lo:z_hi], cut)
-    case.valid &= inside
-    return case
+    @torch.no_grad()
+    def _encode(self, image: np.ndarray) -> np.ndarray:
+        return self.net.encode(torch.from_numpy(image).to(self.device)).float().cpu().numpy()
+
+    @torch.no_grad()
+    def _decode(self, image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
+        embedding = torch.from_numpy(np.ascontiguousarray(image_embedding, np.float32)).to(self.device)
+        return self.net.decode(embedding, torch.from_numpy(boxes_256).to(self.device)).float().cpu().numpy()
 
 
 def evaluate_case(net: nn.Module, path: str, cfg: argparse.Namespace,
@@ -427,11 +425,9 @@ def evaluate_case(net: nn.Module, path: str, cfg: argparse.Namespace,
     imgs, boxes, gts = case["imgs"], np.asarray(case["boxes"]), case["gts"]
     name = Path(path).name
     if boxes.shape[-1] == 6:
-        z_lo, z_hi = slice_window(imgs.shape[0], boxes, cfg.eval_max_slices)
-        pipeline_case, gts = window_case(name, imgs, boxes, z_lo, z_hi), gts[z_lo:z_hi]
-    else:
-        pipeline_case = infer.repair_case(name, imgs, boxes)
-    segs = infer.segment_case(model_lib.PipelineModel(net, device), pipeline_case, block=cfg.eval_box_block)
+        imgs, boxes, gts = data.crop_z(imgs, boxes, gts, cfg.eval_max_slices)
+    pipeline_case = infer.repair_case(name, imgs, boxes)
+    segs = infer.segment_case(TorchModel(net, device), pipeline_case, block=cfg.eval_box_block)
     dsc, nsd = metrics.case_metrics(gts, segs, case.get("spacing"), pipeline_case.is_3d)
     return {"case": name, "modality": metrics.modality_of(path), "dsc": float(dsc), "nsd": float(nsd)}
 

@@ -26,7 +26,7 @@ import numpy as np
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT_NPZ = HERE / "data" / "reference_outputs.npz"
-BOX_COUNTS = (1, 7, 64)  # the box counts
+BOX_COUNTS = (1, 7, 64)  # one box, a few, many
 STORED_LOGITS = 4        # masks per case kept in the npz …
 STORED_PIXELS = 8192     # … at this many random pixels each (keeps the file < 2 MB)
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
+import data
 
 BRIGHT = 0.3  # threshold on the [0, 1] normalised image; away from 0.5 so half-covered pixels do not tie
 SIZE = 256
@@ -162,5 +161,5 @@ def build(model_dir: Path, with_onnx: bool = True) -> Path:
     return model_dir
 
 
-if __name__ == "__main__":  # python tests/oracle_model.py OUT_DIR  (e.g. for bench_memory.py -m)
+if __name__ == "__main__":  # python tests/oracle_model.py OUT_DIR  (e.g. for tools/bench_memory.py -m)
     print(build(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/qmedsam_oracle")))

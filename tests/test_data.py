@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
+import data
+import infer
+from tools import phantoms
 
 
 def _save(path, **arrays):
@@ -209,7 +210,8 @@ def test_ddp_shards_are_disjoint_and_cover_the_epoch(unbalanced_index, replicas)
     pad = len(allidx) - len(epoch)
     assert 0 <= pad < replicas and len(set(allidx.tolist())) == len(epoch)  # duplicates are the padding only
     # drop_last: pairwise disjoint sample sets, at most R-1 of the epoch left out
-    trimmed = [data.BalancedSampler(unbalanced_index, "max10", replicas, r, seed=1, drop_last=True) for r in range(replicas)]
+    trimmed = [data.BalancedSampler(unbalanced_index, "max10", replicas, r, seed=1,
+                                    drop_last=True) for r in range(replicas)]
     for t in trimmed:
         t.set_epoch(5)
     sets = [set(t.rank_indices().tolist()) for t in trimmed]
@@ -220,7 +222,7 @@ def test_ddp_shards_are_disjoint_and_cover_the_epoch(unbalanced_index, replicas)
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    data.write_synthetic_set(root, n2d=3, n3d=2, seed=4)
+    phantoms.write_synthetic_set(root, n2d=3, n3d=2, seed=4)
     return root
 
 
@@ -333,63 +335,6 @@ def test_split_by_file_is_deterministic_stratified_and_disjoint():
     assert data.split_by_file(files, 0.1, seed=1)[1] != ev
 
 
-# ── synthetic cases ─────────────────────────────────────────────────────────────────────────────
-@pytest.mark.parametrize("kind,shape,n", [("2D", (200, 300), 5), ("2D", (512, 512), 255), ("3D", (12, 64, 80), 4),
-                                          ("3D", (24, 96, 96), 8)])
-def test_synthetic_case_labels_match_boxes(kind, shape, n):
-    c = data.make_synthetic_case(kind, shape, n, seed=11)
-    imgs, gts, boxes = c["imgs"], c["gts"], c["boxes"]
-    assert imgs.dtype == np.uint8 and gts.dtype == np.uint8
-    assert imgs.shape == (tuple(shape) + (3,) if kind == "2D" else tuple(shape))
-    assert gts.shape == tuple(shape) and boxes.shape == (n, 4 if kind == "2D" else 6)
-    assert set(np.unique(gts).tolist()) == set(range(n + 1))
-    for i in range(n):
-        where = np.argwhere(gts == i + 1)  # (y, x) or (z, y, x)
-        lo, hi = where.min(0), where.max(0)
-        if kind == "2D":
-            assert boxes[i].tolist() == [lo[1], lo[0], hi[1], hi[0]]
-        else:
-            assert boxes[i].tolist() == [lo[2], lo[1], lo[0], hi[2], hi[1], hi[0]]
-            assert np.array_equal(np.flatnonzero((gts == i + 1).any(axis=(1, 2))), np.arange(lo[0], hi[0] + 1))
-        inside, outside = imgs[gts == i + 1].mean(), imgs[gts == 0].mean()
-        assert abs(inside - outside) > 5 or n > 100  # objects are visible against the background
-    if kind == "3D":
-        assert boxes[:, 2].max() <= boxes[:, 5].min()  # all z-ranges overlap
-
-
-def test_synthetic_case_limits():
-    with pytest.raises(ValueError, match="n_objects"):
-        data.make_synthetic_case("2D", (512, 512), 256)
-    big = data.make_synthetic_case("2D", (3024, 4032), 2, "Endoscopy", seed=0)
-    assert big["imgs"].shape == (3024, 4032, 3) and big["boxes"].shape == (2, 4)
-
-
-def test_write_synthetic_set_layout_is_atomic_and_loadable(tmp_path):
-    paths = data.write_synthetic_set(tmp_path, n2d=2, n3d=1, seed=0)
-    assert [p.name for p in paths] == ["2DBox_Endoscopy_synth_0000.npz", "2DBox_X-Ray_synth_0001.npz",
-                                       "3DBox_CT_synth_0002.npz"]
-    assert sorted(os.listdir(tmp_path / "gts")) == sorted(os.listdir(tmp_path / "imgs")) == sorted(p.name for p in paths)
-    assert not [f for f in os.listdir(tmp_path / "imgs") if f.startswith(".")]  # no temporary files left
-    for p in paths:
-        case = data.load_case(p)
-        assert set(case) == {"imgs", "boxes", "spacing"}
-        gts = data.load_case(p, labels_path=data.find_labels(p))["gts"]
-        assert gts.max() == len(case["boxes"])
-    again = tmp_path / "again"
-    data.write_synthetic_set(again, n2d=2, n3d=1, seed=0)
-    for p in paths:
-        assert np.array_equal(np.load(p)["imgs"], np.load(again / "imgs" / p.name)["imgs"])
-    index = data.SliceIndex(tmp_path / "imgs")
-    assert index.modalities() == ["CT", "X-Ray", "Endoscopy"] and index.n_unlabelled_files == 0
-
-
-def test_cli_synth(tmp_path):
-    out = subprocess.run([sys.executable, "data.py", "synth", "--out", str(tmp_path), "--n2d", "1", "--n3d", "1",
-                          "--seed", "2"], cwd=Path(data.__file__).parent, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert len(data.find_cases(tmp_path)) == 2 and len(os.listdir(tmp_path / "gts")) == 2
-
-
 @pytest.mark.parametrize("arr", [np.zeros((3, 4, 5), np.uint8), np.zeros((7,), np.float32), np.zeros((), np.int64),
                                  np.zeros((2, 3), ">i4"), np.zeros((2, 2), dtype=[("a", "<f4"), ("b", "u1")]),
                                  np.asfortranarray(np.zeros((3, 4))), np.zeros((0, 4)), np.zeros((2,), "U5")])
@@ -399,19 +344,9 @@ def test_npy_header_parser_agrees_with_numpy(tmp_path, arr):
     assert data.npz_headers(f, ["a", "missing"]) == {"a": (arr.shape, arr.dtype)}
 
 
-def test_bench_index_runs_on_a_tiny_tree(tmp_path):
-    out = subprocess.run([sys.executable, "bench_index.py", "--dir", str(tmp_path / "tree"), "--n-files", "12",
-                          "--max-depth", "10", "--side", "32", "--samples", "10", "--out", str(tmp_path / "r.json")],
-                         cwd=Path(data.__file__).parent, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    import json
-    res = json.loads((tmp_path / "r.json").read_text())
-    assert res["files"] == 12 and res["decoded_during_indexing"] == 0 and res["sequential_decodes"] <= 1
-    assert res["files_per_s"] > 0 and res["random_sample_ms"] > 0
-
-
 def test_cache_respects_its_byte_budget(tmp_path):
-    files = [_save(tmp_path / f"3DBox_CT_{k}.npz", imgs=_volume(8, 64, 64)[0], gts=_volume(8, 64, 64)[1]) for k in range(3)]
+    files = [_save(tmp_path / f"3DBox_CT_{k}.npz", imgs=_volume(8, 64, 64)[0], gts=_volume(8, 64,
+                                                                                           64)[1]) for k in range(3)]
     index = data.SliceIndex(files, cache_size=10, cache_mb=2 * 8 * 64 * 64 * 1.5 / 2**20)  # room for ~1.5 cases
     for f in range(3):
         index.slice(f, 0)
@@ -421,7 +356,8 @@ def test_cache_respects_its_byte_budget(tmp_path):
 
 
 def test_header_cache_skips_unchanged_files_and_notices_changes(tmp_path):
-    files = [_save(tmp_path / "t" / f"3DBox_CT_{k}.npz", imgs=_volume(3 + k)[0], gts=_volume(3 + k)[1]) for k in range(3)]
+    files = [_save(tmp_path / "t" / f"3DBox_CT_{k}.npz", imgs=_volume(3 + k)[0],
+                   gts=_volume(3 + k)[1]) for k in range(3)]
     cache = tmp_path / "headers.json"
     first = data.SliceIndex(tmp_path / "t", header_cache=cache)
     assert cache.is_file() and first.header_cache_hits == 0
@@ -436,7 +372,8 @@ def test_header_cache_skips_unchanged_files_and_notices_changes(tmp_path):
 @pytest.mark.parametrize("compressed", [True, False])
 def test_npz_read_slice_matches_full_decode(tmp_path, compressed):
     rng = np.random.default_rng(1)
-    arrays = {"u8": rng.integers(0, 256, (9, 13, 7), dtype=np.uint8), "i16": rng.integers(-900, 900, (4, 5, 6), dtype=np.int16),
+    arrays = {"u8": rng.integers(0, 256, (9, 13, 7), dtype=np.uint8), "i16": rng.integers(-900, 900, (4, 5, 6),
+                                                                                          dtype=np.int16),
               "be": rng.normal(size=(3, 4)).astype(">f4"), "fortran": np.asfortranarray(rng.normal(size=(4, 3, 2)))}
     f = tmp_path / "x.npz"
     (np.savez_compressed if compressed else np.savez)(f, **arrays)
@@ -465,12 +402,34 @@ def test_partial_decode_serves_the_same_samples_without_caching(tmp_path):
     assert s["z"] >= 3 and part.n_decoded == 1
 
 
-def test_bench_set_cases_have_the_promised_content():
-    kinds = {(k, tuple(s), n) for k, _, s, n in data.BENCH_CASES}
-    assert ("3D", (64, 512, 512), 6) in kinds and ("2D", (3024, 4032), 3) in kinds
-    kind, mod, shape, n = next(c for c in data.BENCH_CASES if c[0] == "2D" and c[3] >= 120)
-    many = data.make_synthetic_case(kind, shape, n, mod, seed=1)
-    assert len(many["boxes"]) == n >= 120 and many["gts"].max() == n
-    ct = data.make_synthetic_case("3D", (64, 512, 512), 6, "CT", seed=0)
-    z0, z1 = ct["boxes"][:, 2], ct["boxes"][:, 5]
-    assert z0.max() < z1.min() and (z1 - z0 >= 8).all()  # six objects sharing a common z-range
+def test_crop_z_window_boxes_and_labels():
+    """A 3D case cut to N contiguous slices centred on its boxes' z-extent (for cheap evaluation)."""
+    index = np.arange(40)[:, None, None]
+    boxes = np.array([[0, 0, 10, 5, 5, 14], [0, 0, 12, 5, 5, 30]])
+    assert data.crop_z(index, boxes, None, 0)[0] is index and data.crop_z(index[:8], boxes, None, 16)[0].shape[0] == 8
+    kept = data.crop_z(index, boxes, None, 6)[0].ravel()
+    assert kept.tolist() == list(range(kept[0], kept[0] + 6)) and kept[0] <= 20 <= kept[-1]  # centred on 10..30
+    assert data.crop_z(index, np.array([[0, 0, 37, 5, 5, 39]]), None, 6)[0].ravel().tolist() == list(range(34, 40))
+
+    imgs = np.arange(20)[:, None, None] * np.ones((20, 8, 8), np.uint8)
+    gts = np.zeros((20, 8, 8), np.uint8)
+    gts[2:18, 1:3, 1:3] = 1
+    gts[0:2, 5:7, 5:7] = 2
+    boxes = np.array([[1, 1, 2, 2, 2, 17], [5, 5, 0, 6, 6, 1]])
+    i2, b2, g2 = data.crop_z(imgs, boxes, gts, 6)
+    start = int(i2[0, 0, 0])
+    np.testing.assert_array_equal(i2, imgs[start:start + 6])
+    assert g2.shape[0] == 6 and 2 not in g2 and (g2 == 1).sum() > 0  # box 2 lies outside: its label goes
+    case = infer.repair_case("3DBox_CT_t.npz", i2, b2)
+    assert case.valid.tolist() == [True, False]                      # rows kept: label = box index + 1
+    assert case.boxes[0, 2] == 0 and case.boxes[0, 5] == 5          # z-range clipped to the window
+
+
+@pytest.mark.parametrize("name,shape,box_width,expect", [
+    ("2DBox_X.npz", (64, 64), None, False), ("3DBox_X.npz", (64, 64), None, False),      # H×W: always 2D
+    ("x.npz", (5, 64, 64, 1), None, True),                                                # D×H×W×1
+    ("x.npz", (64, 64, 3), None, False), ("x.npz", (64, 64, 3), 6, True),                 # H×W×C vs boxes
+    ("2DBox_X.npz", (64, 64, 3), 6, False), ("3DBox_X.npz", (64, 64, 3), 4, True),        # the name wins
+    ("x.npz", (9, 64, 64), None, True), ("x.npz", (9, 64, 64), 4, True), ("2D_x.npz", (9, 64, 64), None, False)])
+def test_one_rule_decides_3d(name, shape, box_width, expect):
+    assert data.is_3d_case(name, shape, box_width) is expect

@@ -9,22 +9,21 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tools import phantoms
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO.parent / "shared" / "tools" / "docker-smoke.sh"
-sys.path.insert(0, str(REPO))
 
-import data  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 CASES = {  # name → (kind, shape, boxes)
-    "2DBox_Microscopy_smoke_0001.npz": ("2D", (1920, 2560), 255),  # the memory case
+    "2DBox_Microscopy_smoke_0001.npz": ("2D", (1920, 2560), 255),  # the memory case: most boxes, large image
     "2DBox_Endoscopy_smoke_0002.npz": ("2D", (300, 400), 3),
     "3DBox_CT_smoke_0003.npz": ("3D", (12, 96, 96), 2),
 }
@@ -54,10 +53,11 @@ def test_docker_smoke(tmp_path):
     inputs, out = tmp_path / "inputs", tmp_path / "outputs"
     inputs.mkdir()
     for k, (name, (kind, shape, n)) in enumerate(CASES.items()):
-        case = data.make_synthetic_case(kind, shape, n, name.split("_")[1], seed=k)
+        case = phantoms.make_synthetic_case(kind, shape, n, name.split("_")[1], seed=k)
         np.savez_compressed(inputs / name, imgs=case["imgs"], boxes=case["boxes"], spacing=case["spacing"])
     inputs.chmod(0o755)
-    proc = subprocess.run(["bash", "../shared/tools/docker-smoke.sh", ".", str(inputs)], cwd=REPO, env=dict(os.environ, OUT=str(out)), capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(["bash", "../shared/tools/docker-smoke.sh", ".", str(inputs)], cwd=REPO,
+                          env=dict(os.environ, OUT=str(out)), capture_output=True, text=True, timeout=3600)
     log = proc.stdout + proc.stderr
     print(log[-4000:])  # image size and container peak memory, shown with -s / on failure
     assert proc.returncode == 0, log[-4000:]

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import data
+import train
+from tools import phantoms
 
-import data  # noqa: E402
-import train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 # ---- fast tests ----
 
@@ -67,8 +68,8 @@ def test_extra_data_trains_but_never_evaluates(tmp_path):
     """--extra-data adds its cases to the training files only: the held-out split of --data is the
     same with and without it, and no extra case is ever evaluated."""
     real, synth = tmp_path / "real", tmp_path / "synth"
-    data.write_synthetic_set(real, n2d=4, n3d=2, seed=1, modalities_2d=("Endoscopy",), modalities_3d=("CT",))
-    data.write_synthetic_set(synth, n2d=3, n3d=1, seed=2, modalities_2d=("Endoscopy",), modalities_3d=("CT",),
+    phantoms.write_synthetic_set(real, n2d=4, n3d=2, seed=1, modalities_2d=("Endoscopy",), modalities_3d=("CT",))
+    phantoms.write_synthetic_set(synth, n2d=3, n3d=1, seed=2, modalities_2d=("Endoscopy",), modalities_3d=("CT",),
                              tag="phantom")
     base_train, base_eval = train.split_files(train.parse_config(["--data", str(real)]))
     cfg = train.parse_config(["--data", str(real), "--extra-data", str(synth)])
@@ -81,24 +82,6 @@ def test_extra_data_trains_but_never_evaluates(tmp_path):
         train.split_files(train.parse_config(["--data", str(real), "--extra-data", str(tmp_path / "empty")]))
     with pytest.raises(SystemExit, match="no such directory"):
         train.split_files(train.parse_config(["--data", str(real), "--extra-data", str(tmp_path / "none")]))
-
-
-def test_slice_window():
-    boxes = np.array([[0, 0, 10, 5, 5, 14], [0, 0, 12, 5, 5, 30]])
-    assert train.slice_window(40, boxes, 0) == (0, 40)
-    assert train.slice_window(8, boxes, 16) == (0, 8)
-    lo, hi = train.slice_window(40, boxes, 6)
-    assert hi - lo == 6 and lo <= 20 < hi           # centred on the boxes' z-extent 10..30
-    assert train.slice_window(40, np.array([[0, 0, 37, 5, 5, 39]]), 6) == (34, 40)  # clipped
-
-
-def test_window_case_keeps_labels():
-    imgs = np.zeros((20, 32, 32), np.uint8)
-    boxes = np.array([[1, 1, 0, 9, 9, 4], [2, 2, 5, 20, 20, 12], [3, 3, 15, 30, 30, 19]])
-    case = train.window_case("3DBox_CT_x.npz", imgs, boxes, 6, 10)
-    assert case.imgs.shape == (4, 32, 32) and case.is_3d
-    assert case.valid.tolist() == [False, True, False]     # rows kept: label = box index + 1
-    assert case.boxes[1, 2] == 0 and case.boxes[1, 5] == 3  # z-range 5..12 clipped to the window
 
 
 def test_save_atomic_and_csv(tmp_path):
@@ -115,7 +98,7 @@ def test_save_atomic_and_csv(tmp_path):
 def test_pseudo_label_data_shards(tmp_path):
     """--pseudo-label data: unlabeled cases (no gts, no boxes) join the epoch with random boxes
     inside the image content and labeled = 0; rank shards stay disjoint for both parts."""
-    data.write_synthetic_set(tmp_path, n2d=2, n3d=1, seed=3, modalities_2d=("Endoscopy",),
+    phantoms.write_synthetic_set(tmp_path, n2d=2, n3d=1, seed=3, modalities_2d=("Endoscopy",),
                              modalities_3d=("CT",))
     unl = tmp_path / "unlabeled"
     unl.mkdir()
@@ -170,7 +153,7 @@ def test_evaluate_case_2d_and_3d_window(tmp_path, monkeypatch):
     monkeypatch.setattr(infer, "PROMPT_3D_FALLBACK", "box")
     monkeypatch.setattr(infer, "PIPELINE_FALLBACK", {**infer.PIPELINE_FALLBACK,
                                                      "mask_interp": "linear", "box_rounding": "float"})
-    paths = data.write_synthetic_set(tmp_path, n2d=1, n3d=1, seed=5, modalities_2d=("Endoscopy",),
+    paths = phantoms.write_synthetic_set(tmp_path, n2d=1, n3d=1, seed=5, modalities_2d=("Endoscopy",),
                                      modalities_3d=("CT",))
     cfg = train.parse_config(["--eval-max-slices", "3", "--eval-box-block", "2"])
     for path in paths:
@@ -185,7 +168,8 @@ def test_evaluate_case_2d_and_3d_window(tmp_path, monkeypatch):
                 seg[data.postprocess_logits(logits, gts.shape)] = i + 1
             expect = metrics.case_metrics(gts, seg, None, False)
         else:
-            lo, hi = train.slice_window(imgs.shape[0], boxes, 3)
+            kept = data.crop_z(np.arange(imgs.shape[0])[:, None, None], boxes, None, 3)[0].ravel()
+            lo, hi = int(kept[0]), int(kept[-1]) + 1
             assert hi - lo == 3
             seg = np.zeros(gts[lo:hi].shape, np.uint8)
             for i, (x0, y0, z0, x1, y1, z1) in enumerate(boxes):
@@ -222,7 +206,7 @@ class TinySAM(torch.nn.Module):
 def tiny_mixed(tmp_path_factory):
     """2 labeled Endoscopy images + 1 unlabeled US image (no gts, no boxes)."""
     root = tmp_path_factory.mktemp("mixed")
-    data.write_synthetic_set(root, n2d=2, n3d=0, seed=6, modalities_2d=("Endoscopy",))
+    phantoms.write_synthetic_set(root, n2d=2, n3d=0, seed=6, modalities_2d=("Endoscopy",))
     (root / "unlabeled").mkdir()
     np.savez_compressed(root / "unlabeled" / "2DBox_US_u_1.npz",
                         imgs=np.random.default_rng(0).integers(0, 255, (90, 140, 3), np.uint8))
@@ -267,7 +251,7 @@ def synth(tmp_path_factory):
     """2 Endoscopy 2D + 2 CT 3D cases (challenge layout); the split holds out one of each, the eval
     uses the 2D one (--eval-max-cases 1; the 3D eval path is tested above without the model)."""
     root = tmp_path_factory.mktemp("synth")
-    data.write_synthetic_set(root, n2d=2, n3d=2, seed=1, modalities_2d=("Endoscopy",),
+    phantoms.write_synthetic_set(root, n2d=2, n3d=2, seed=1, modalities_2d=("Endoscopy",),
                              modalities_3d=("CT",))
     return root
 

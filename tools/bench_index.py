@@ -1,4 +1,4 @@
-"""Benchmark of the header-only slice index (issue 4): build a SliceIndex over a synthetic tree of
+"""Benchmark of the header-only slice index: build a SliceIndex over a synthetic tree of
 many small 3D npz files, report files/s and RSS, then the cost of random slice access.
 
     python bench_index.py                       # 2000 files in a temporary folder, removed afterwards
@@ -18,37 +18,22 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python tools/bench_index.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 
 import data
+from tools import phantoms
+from tools.benchlib import peak_rss_mb, rss_mb
 
 MODALITIES = ("CT", "MR", "PET")
-
-
-def proc_status_mb(field: str = "VmRSS") -> float:
-    """A memory field of this process's /proc/self/status in MiB (VmRSS: current, VmHWM: peak)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mb() -> float:
-    """Current resident set size of this process (MiB)."""
-    return proc_status_mb("VmRSS")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (MiB): VmHWM, not getrusage's ru_maxrss, which on Linux
-    also carries the forking parent's RSS (see bench_memory.py)."""
-    return proc_status_mb("VmHWM")
 
 
 def write_tree(root: Path, n_files: int, depth_range: tuple[int, int], side: int, seed: int) -> int:
     """n_files 3D cases spread over MODALITIES × 4 datasets; returns the total number of slices."""
     rng = np.random.default_rng(seed)
-    pool = [data.make_synthetic_case("3D", (depth_range[1], side, side), 3, MODALITIES[k % 3], seed=seed + k)
+    pool = [phantoms.make_synthetic_case("3D", (depth_range[1], side, side), 3, MODALITIES[k % 3], seed=seed + k)
             for k in range(12)]
     total = 0
     t0 = time.perf_counter()
@@ -69,7 +54,8 @@ def write_tree(root: Path, n_files: int, depth_range: tuple[int, int], side: int
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dir", default=None, help="tree folder (None: a temporary folder, removed afterwards unless --keep)")
+    p.add_argument("--dir", default=None,
+                   help="tree folder (None: a temporary folder, removed afterwards unless --keep)")
     p.add_argument("--keep", action="store_true", help="keep the tree after the run")
     p.add_argument("--reuse", action="store_true", help="index an existing tree in --dir instead of writing one")
     p.add_argument("--n-files", type=int, default=2000, help="number of 3D npz files to write")
@@ -147,7 +133,7 @@ def main(argv=None) -> int:
 
         if a.large:  # cache-miss regime on one CT-sized volume: whole-case decode vs slice-only reads
             big = root.parent / (root.name + "_large") / "3DBox_CT_large.npz"
-            case = data.make_synthetic_case("3D", (64, 512, 512), 6, "CT", seed=a.seed)
+            case = phantoms.make_synthetic_case("3D", (64, 512, 512), 6, "CT", seed=a.seed)
             data.write_case(big, case)
             zs = rng.integers(0, 64, size=12)
             for mode, kw in (("full_decode", {}), ("partial_decode", {"partial_decode_mb": 0.0})):

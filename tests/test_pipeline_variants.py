@@ -1,33 +1,20 @@
-"""evaluate.py and the pipeline knobs of infer.py / data.py (issue 9), on the exact oracle model
+"""tools/pipeline_variants.py and the pipeline knobs of infer.py / data.py, on the exact oracle model
 (tests/oracle_model.py: "segments the bright part of each box"), so every expectation is computed,
 not stored.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import data
+import infer
+import oracle_model
+from tools import phantoms, pipeline_variants
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import infer  # noqa: E402
-import oracle_model  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def oracle_dir(tmp_path_factory) -> Path:
-    return oracle_model.build(tmp_path_factory.mktemp("oracle"), with_onnx=False)
-
-
-@pytest.fixture(scope="module")
-def model(oracle_dir):
-    return infer.OpenVINOModel(oracle_dir, precision="f32", cache_dir=None)
 
 
 class Recorder:
@@ -54,7 +41,8 @@ def seg3d(model, vol, box6, name="3DBox_CT_t.npz", **knobs):
 
 
 # ---- one preprocessing function for training and inference ---------------------------------------------
-@pytest.mark.parametrize("modality,table", [("Endoscopy", {}), ("Endoscopy", {"Endoscopy": {"interp": "cubic", "norm_then_pad": False}}),
+@pytest.mark.parametrize("modality,table", [("Endoscopy", {}), ("Endoscopy", {"Endoscopy": {"interp": "cubic",
+                                                                                            "norm_then_pad": False}}),
                                             ("US", None)])
 def test_training_and_inference_share_preprocess_image(tmp_path, model, monkeypatch, modality, table):
     """Both paths call data.preprocess_image, and give bit-identical model inputs for the same image:
@@ -62,7 +50,7 @@ def test_training_and_inference_share_preprocess_image(tmp_path, model, monkeypa
     if table is not None:
         monkeypatch.setattr(data, "PREPROCESS_BY_MODALITY", table)
     table = data.PREPROCESS_BY_MODALITY
-    case = data.make_synthetic_case("2D", (90, 140), 2, modality, seed=3)
+    case = phantoms.make_synthetic_case("2D", (90, 140), 2, modality, seed=3)
     path = data.write_case(tmp_path / f"2DBox_{modality}_t_0000.npz", case)
     calls = []
     real = data.preprocess_image
@@ -136,7 +124,8 @@ def test_variant_knobs_reach_the_model(model):
     input of a non-square image only in the padding; mask upsampling changes the label map's edge."""
     img = np.full((100, 300), 40, np.uint8)
     img[30:70, 50:250] = 200
-    case = infer.repair_case("2DBox_Weird_t.npz", np.repeat(img[..., None], 3, 2), np.array([[45.3, 25.2, 255.7, 74.6]]))
+    case = infer.repair_case("2DBox_Weird_t.npz", np.repeat(img[..., None], 3, 2), np.array([[45.3, 25.2, 255.7,
+                                                                                              74.6]]))
     out = {}
     for rounding in data.BOX_ROUNDINGS:
         rec = Recorder(model)
@@ -172,43 +161,27 @@ def test_norm_order_differs_where_the_image_minimum_is_not_zero():
     assert (b[:, nh:] == 0).all() and (a[:, nh:] == 0).all()
 
 
-# ---- evaluate.py -----------------------------------------------------------------------------------------
+# ---- pipeline_variants.py -----------------------------------------------------------------------------------------
 def test_parse_variant():
-    p = evaluate.parse_variant("3d-hybrid+start-largest+margin2+min_area_ratio=0.3")
+    p = pipeline_variants.parse_variant("3d-hybrid+start-largest+margin2+min_area_ratio=0.3")
     assert (p.prompt_3d, p.start_slice, p.margin_px, p.min_area_ratio) == ("hybrid", "largest", 2.0, 0.3)
-    assert evaluate.parse_variant("default") == infer.Pipeline()
+    assert pipeline_variants.parse_variant("default") == infer.Pipeline()
     with pytest.raises(ValueError, match="unknown variant part 'nope'"):
-        evaluate.parse_variant("img-cubic+nope")
-
-
-def test_crop_slices_keeps_boxes_and_labels_consistent():
-    imgs = np.arange(20)[:, None, None] * np.ones((20, 8, 8), np.uint8)
-    gts = np.zeros((20, 8, 8), np.uint8)
-    gts[2:18, 1:3, 1:3] = 1
-    gts[0:2, 5:7, 5:7] = 2
-    boxes = np.array([[1, 1, 2, 2, 2, 17], [5, 5, 0, 6, 6, 1]])
-    i2, b2, g2 = evaluate.crop_slices(imgs, boxes, gts, 6)
-    assert i2.shape[0] == 6 and g2.shape[0] == 6
-    start = int(i2[0, 0, 0])
-    np.testing.assert_array_equal(i2, imgs[start:start + 6])
-    assert 2 not in g2 and (g2 == 1).sum() > 0
-    case = infer.repair_case("3DBox_CT_t.npz", i2, b2)
-    assert case.valid.tolist() == [True, False]
-    assert case.boxes[0, 2] == 0 and case.boxes[0, 5] == 5
+        pipeline_variants.parse_variant("img-cubic+nope")
 
 
 def test_evaluate_runs_variants_once_per_distinct_pipeline(tmp_path, model):
     """Two 2D cases and a 3D phantom under variants where some knobs do not apply: rows for every
     (variant, case), identical scores where the resolved pipelines are the same, encoder calls shared."""
     for k in range(2):
-        c = data.make_synthetic_case("2D", (80, 120), 2, "Endoscopy", seed=k)
-        data.write_challenge_case(tmp_path, data.case_name("2D", "Endoscopy", k), c)
-    c = data.make_synthetic_case("3D", (8, 64, 64), 2, "CT", seed=5)
-    data.write_challenge_case(tmp_path, data.case_name("3D", "CT", 9), c)
+        c = phantoms.make_synthetic_case("2D", (80, 120), 2, "Endoscopy", seed=k)
+        data.write_challenge_case(tmp_path, phantoms.case_name("2D", "Endoscopy", k), c)
+    c = phantoms.make_synthetic_case("3D", (8, 64, 64), 2, "CT", seed=5)
+    data.write_challenge_case(tmp_path, phantoms.case_name("3D", "CT", 9), c)
     paths = sorted((tmp_path / "imgs").glob("*.npz"))
     variants = ["default", "3d-propagate", "3d-hybrid+start-largest", "mask-cubic"]
-    cached = evaluate.CachingModel(model)
-    rows = evaluate.evaluate(cached, paths, tmp_path / "gts", variants, progress=False)
+    cached = pipeline_variants.CachingModel(model)
+    rows = pipeline_variants.evaluate(cached, paths, tmp_path / "gts", variants, progress=False)
     assert len(rows) == len(paths) * len(variants)
     by = {(r["variant"], r["case"]): r for r in rows}
     for p in paths[:2]:  # 2D: the 3D knobs change nothing, so the scores are those of default
@@ -217,50 +190,51 @@ def test_evaluate_runs_variants_once_per_distinct_pipeline(tmp_path, model):
     # encoder: 1 per 2D case (all variants share the input) + the 3D box's slices once
     depth = int(c["boxes"][:, 5].max() - c["boxes"][:, 2].min() + 1)
     assert cached.encoder_calls == 2 + depth
-    summary = evaluate.summaries(rows, variants)
-    table = evaluate.format_variant_table(summary)
+    summary = pipeline_variants.summaries(rows, variants)
+    table = pipeline_variants.format_variant_table(summary)
     assert "| overall | 3 | default" in table and "| CT | 1 | 3d-propagate" in table
 
 
 def test_cli_prints_table_and_csv(tmp_path, oracle_dir, capsys):
-    c = data.make_synthetic_case("2D", (64, 96), 1, "X-Ray", seed=1)
-    data.write_challenge_case(tmp_path, data.case_name("2D", "X-Ray", 0), c)
-    code = evaluate.main(["-i", str(tmp_path / "imgs"), "--gts", str(tmp_path / "gts"), "-m", str(oracle_dir),
+    c = phantoms.make_synthetic_case("2D", (64, 96), 1, "X-Ray", seed=1)
+    data.write_challenge_case(tmp_path, phantoms.case_name("2D", "X-Ray", 0), c)
+    code = pipeline_variants.main(["-i", str(tmp_path / "imgs"), "--gts", str(tmp_path / "gts"), "-m", str(oracle_dir),
                           "--variants", "default,img-cubic", "--out", str(tmp_path / "rows.csv"), "--cache-dir", "",
                           "--wide"])
     assert code == 0
     out = capsys.readouterr().out
     assert "default DSC" in out and "img-cubic NSD" in out and "| X-Ray | 1 |" in out
     assert len((tmp_path / "rows.csv").read_text().splitlines()) == 3
-    assert evaluate.main(["-i", str(tmp_path / "imgs"), "--gts", str(tmp_path / "gts"), "-m", str(oracle_dir),
+    assert pipeline_variants.main(["-i", str(tmp_path / "imgs"), "--gts", str(tmp_path / "gts"), "-m", str(oracle_dir),
                           "--variants", "bogus"]) == 2
 
 
 def test_caching_model_gives_the_models_label_maps(model):
     """The encoder/decoder caches change costs, never results: every variant's label map through one
     CachingModel equals the plain model's, and repeated variants cost no new model calls."""
-    c = data.make_synthetic_case("3D", (8, 64, 64), 3, "CT", seed=7)
+    c = phantoms.make_synthetic_case("3D", (8, 64, 64), 3, "CT", seed=7)
     case = infer.repair_case("3DBox_CT_t.npz", c["imgs"], c["boxes"])
-    cached = evaluate.CachingModel(model)
+    cached = pipeline_variants.CachingModel(model)
     specs = ["3d-box", "3d-propagate", "3d-hybrid+start-largest+margin2", "box-outward+mask-cubic"]
     for spec in specs:
-        pipe = evaluate.parse_variant(spec)
-        np.testing.assert_array_equal(infer.segment_case(cached, case, pipe=pipe), infer.segment_case(model, case, pipe=pipe))
+        pipe = pipeline_variants.parse_variant(spec)
+        np.testing.assert_array_equal(infer.segment_case(cached, case, pipe=pipe), infer.segment_case(model, case,
+                                                                                                      pipe=pipe))
     calls = (cached.encoder_calls, cached.decoder_calls)
     for spec in specs:
-        infer.segment_case(cached, case, pipe=evaluate.parse_variant(spec))
+        infer.segment_case(cached, case, pipe=pipeline_variants.parse_variant(spec))
     assert (cached.encoder_calls, cached.decoder_calls) == calls and cached.decoder_box_hits > 0
 
 
 def test_compare_counts_wins_and_from_csv_roundtrip(tmp_path, capsys):
     rows = [dict(variant=v, case=f"c{k}", modality="US", dsc=d, nsd=d, seconds=0.0)
             for v, ds in (("a", [0.5, 0.6, 0.7]), ("b", [0.6, 0.6, 0.65])) for k, d in enumerate(ds)]
-    table = evaluate.compare(rows, "a")
+    table = pipeline_variants.compare(rows, "a")
     assert "| US | b | 3 | +0.0167 | +0.0167 | 1 / 1 / 1 |" in table
     with open(tmp_path / "rows.csv", "w", newline="") as f:
         import csv
-        w = csv.DictWriter(f, fieldnames=evaluate.ROW_FIELDS)
+        w = csv.DictWriter(f, fieldnames=pipeline_variants.ROW_FIELDS)
         w.writeheader()
         w.writerows(rows)
-    assert evaluate.main(["--from-csv", str(tmp_path / "rows.csv"), "--baseline", "a"]) == 0
+    assert pipeline_variants.main(["--from-csv", str(tmp_path / "rows.csv"), "--baseline", "a"]) == 0
     assert "1 / 1 / 1" in capsys.readouterr().out

@@ -20,8 +20,8 @@ Objects: each source label value is split into connected components; a component
 own object (own label, own box) if it has ≥ MIN_OBJECT_PIXELS and ≥ MIN_OBJECT_FRACTION of the largest
 component of that source label, smaller specks are dropped from gts (set to 0), so every label has a box.
 
-Run:  python build_devset.py            (all cases, then the demo copies)
-      python build_devset.py --only 3DBox_CT_totalseg_1 --mirror-root /path/to/mirrors
+Run:  python -m tools.build_devset            (all cases, then the demo copies)
+      python -m tools.build_devset --only 3DBox_CT_totalseg_1 --mirror-root /path/to/mirrors
 """
 from __future__ import annotations
 
@@ -33,13 +33,17 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 import zlib
 from dataclasses import dataclass, field
+
+if __package__ in (None, ""):  # run as `python tools/build_devset.py`: make the project importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cv2
 import numpy as np
 from scipy import ndimage
+
+import data
 
 # ---------------------------------------------------------------- pinned raw files ----------------
 # Sources: (repo, commit) pairs, then one row per raw file: key → (source, path, sha256).
@@ -197,25 +201,33 @@ FILE_TABLE: dict[str, tuple[tuple[str, str], str, str]] = {
         "c99658c4b878383f39920075db4350d65b46247b950d187678b3fd4bf7420025"),
     "niivue_MR_Gd": (SRC_NIIVUE, "MR_Gd.nii.gz",
         "65cf8cff601a428be887483a06e422fa1d879246cc6fa50a04abd7d60b437b8c"),
-    "ts_aorta_ct_cropped": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/ct_cropped.nii.gz",
+    "ts_aorta_ct_cropped": (SRC_TOTALSEGMENTATOR,
+                            "tests/reference_files/aorta_report/test_result/models/ct_cropped.nii.gz",
         "f776ecfa1326e7e21a8c30e5530f517c16f16a59a68fc06e8119cefc7c3b87a0"),
     "ts_aorta_aorta": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/aorta.nii.gz",
         "7fa1b813c63abcbe455b62a510c5e7a00fe0998f30541d5a8af46b20a88dd7f7"),
-    "ts_aorta_brachiocephalic_trunk": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/brachiocephalic_trunk.nii.gz",
+    "ts_aorta_brachiocephalic_trunk": (SRC_TOTALSEGMENTATOR,
+                                       "tests/reference_files/aorta_report/test_result/models/brachiocephalic_trunk.nii.gz",
         "76ce8a3b3e9aeea03c88a358d9c6ceeb66e2fd6fbae33398a4ae4a8596e99661"),
-    "ts_aorta_celiac_trunk": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/celiac_trunk.nii.gz",
+    "ts_aorta_celiac_trunk": (SRC_TOTALSEGMENTATOR,
+                              "tests/reference_files/aorta_report/test_result/models/celiac_trunk.nii.gz",
         "b7a962f0bac6f7dc6229ce5fd87be53741a4527a8b53df64a0f7b49f96370bcf"),
-    "ts_aorta_common_carotid_artery_left": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/common_carotid_artery_left.nii.gz",
+    "ts_aorta_common_carotid_artery_left": (SRC_TOTALSEGMENTATOR,
+                                            "tests/reference_files/aorta_report/test_result/models/common_carotid_artery_left.nii.gz",
         "d878d1bb6dd9fe999c6523e4b705f99a1e99b6f77f910edcc9d5d06384a4da9b"),
-    "ts_aorta_subclavian_artery_left": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/subclavian_artery_left.nii.gz",
+    "ts_aorta_subclavian_artery_left": (SRC_TOTALSEGMENTATOR,
+                                        "tests/reference_files/aorta_report/test_result/models/subclavian_artery_left.nii.gz",
         "993695ad2e9833fd3346bedc8e31635d4084c6b8e853620870fb52e41958be9a"),
-    "ts_aorta_superior_mesenteric_artery": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/superior_mesenteric_artery.nii.gz",
+    "ts_aorta_superior_mesenteric_artery": (SRC_TOTALSEGMENTATOR,
+                                            "tests/reference_files/aorta_report/test_result/models/superior_mesenteric_artery.nii.gz",
         "ef688fff60982fdf97f6d558a6acb140fd0d7f30ca5333f72edb86e955954d28"),
-    "ts_aorta_vertebrae_T12": (SRC_TOTALSEGMENTATOR, "tests/reference_files/aorta_report/test_result/models/vertebrae_T12.nii.gz",
+    "ts_aorta_vertebrae_T12": (SRC_TOTALSEGMENTATOR,
+                               "tests/reference_files/aorta_report/test_result/models/vertebrae_T12.nii.gz",
         "7baada974082529dc6c1f39bee3ef0b4e384ad020c0b7c1d3971d69e9576e0af"),
     "ts_pulm_ct_cropped": (SRC_TOTALSEGMENTATOR, "tests/reference_files/pulmonary_report/models/ct_cropped.nii.gz",
         "4da078fe43c9aa4d358903ac95105cea4fbe93b029474e4701bdde4db72126eb"),
-    "ts_pulm_pulmonary_artery": (SRC_TOTALSEGMENTATOR, "tests/reference_files/pulmonary_report/models/pulmonary_artery.nii.gz",
+    "ts_pulm_pulmonary_artery": (SRC_TOTALSEGMENTATOR,
+                                 "tests/reference_files/pulmonary_report/models/pulmonary_artery.nii.gz",
         "b227c99939d441d52b9e9d975934f479f0c7e6388095ca719e5eb57e43f2ba2d"),
     "hc18_000_img": (SRC_HC18, "training_set/000_HC.png",
         "c530210f08e49a7e348075b59b90008586a856271bb472061ab043b1ba2a3715"),
@@ -678,31 +690,12 @@ def check_case(name: str, arrays: dict) -> None:
 
 
 # ---------------------------------------------------------------- writing -------------------------
-def save_npz_atomic(path: str, **arrays) -> None:
-    """Write a compressed npz (what np.savez_compressed writes, readable by np.load) to
-    <path>.tmp.npz, then rename, so readers never see a half-written file. Zip entries carry a
-    fixed timestamp (np.savez stamps the wall clock), so a rebuild is byte-identical."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path[:-4] + ".tmp.npz"
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for key, arr in arrays.items():
-            info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
-    os.replace(tmp, path)
-
-
 def write_case(case: Case, arrays: dict, out_dir: str) -> None:
-    extra = {"spacing": arrays["spacing"]} if "spacing" in arrays else {}
+    """Labelled: imgs/ + gts/ (challenge layout); unlabelled: unlabeled/ (imgs, spacing)."""
     if "gts" in arrays:
-        save_npz_atomic(os.path.join(out_dir, "imgs", case.name + ".npz"),
-                        imgs=arrays["imgs"], boxes=arrays["boxes"], **extra)
-        save_npz_atomic(os.path.join(out_dir, "gts", case.name + ".npz"),
-                        gts=arrays["gts"], boxes=arrays["boxes"], **extra)
+        data.write_challenge_case(out_dir, case.name + ".npz", arrays)
     else:
-        save_npz_atomic(os.path.join(out_dir, "unlabeled", case.name + ".npz"),
-                        imgs=arrays["imgs"], **extra)
+        data.write_case(os.path.join(out_dir, "unlabeled", case.name + ".npz"), arrays, with_gts=False)
 
 
 MANIFEST_FIELDS = ["name", "modality", "dim", "source_repo", "commit", "path", "sha256", "licence",
@@ -725,7 +718,7 @@ def manifest_row(case: Case, arrays: dict, mirror_root: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--mirror-root", default="/work/.mirror",

@@ -1,4 +1,4 @@
-"""Speed, memory and accuracy of the inference paths, side by side in one run (issue 7).
+"""Speed, memory and accuracy of the inference paths, side by side in one run.
 
     python bench.py                       # all rows on the synthetic benchmark set + the dev set
     python bench.py --sets bench --rows a,d --repeats 3
@@ -26,11 +26,14 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python tools/bench.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 
-from bench_index import peak_rss_mb
+from tools.benchlib import median_ms, peak_rss_mb
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 ROWS = {
     "a": ("torch", "fp32", "f32", "fp32 PyTorch (baseline path)"),
     "b": ("openvino", "fp32", "f32", "OpenVINO fp32 IR, f32"),
@@ -39,16 +42,6 @@ ROWS = {
     "d'": ("openvino", "int8", "bf16", "OpenVINO int8 IR, bf16 rest"),
     "e": ("onnxruntime", "int8", "f32", "ONNX Runtime int8 QCDQ"),
 }
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up (first-inference allocations, caches)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
 
 
 def run_row(row: str, model_dirs: dict[str, Path], sets: list[tuple[Path, Path | None]], repeats: int,
@@ -61,11 +54,13 @@ def run_row(row: str, model_dirs: dict[str, Path], sets: list[tuple[Path, Path |
     t0 = time.perf_counter()
     if backend == "torch":
         import torch
-        import model as lm
+
+        import model
+        import train
 
         if threads:
             torch.set_num_threads(threads)
-        net = lm.PipelineModel(lm.build_model("published"))
+        net = train.TorchModel(model.build_model("published"))
     else:
         net = infer.load_model(model_dirs[weights], backend, precision, threads, infer.DEFAULT_CACHE_DIR)
     load_s = time.perf_counter() - t0
@@ -99,9 +94,9 @@ def run_row(row: str, model_dirs: dict[str, Path], sets: list[tuple[Path, Path |
     embedding = net.encode(image)
     boxes1 = np.array([[60, 60, 180, 200]], np.float32)
     boxes64 = np.concatenate([rng.uniform(0, 120, (64, 2)), rng.uniform(130, 255, (64, 2))], 1).astype(np.float32)
-    out.update({"encoder_ms": _median_ms(lambda: net.encode(image), repeats),
-                "decoder1_ms": _median_ms(lambda: net.decode(embedding, boxes1), repeats),
-                "decoder64_ms": _median_ms(lambda: net.decode(embedding, boxes64), max(1, repeats // 2))})
+    out.update({"encoder_ms": median_ms(lambda: net.encode(image), repeats),
+                "decoder1_ms": median_ms(lambda: net.decode(embedding, boxes1), repeats),
+                "decoder64_ms": median_ms(lambda: net.decode(embedding, boxes64), max(1, repeats // 2))})
     return out
 
 
@@ -111,15 +106,15 @@ def ensure_fp32_ir(path: Path) -> None:
         return
     print(f"bench: exporting the fp32 LiteMedSAM to {path} (once)", file=sys.stderr)
     subprocess.run([sys.executable, str(REPO / "export.py"), "--checkpoint", "published", "--fp32",
-                    "--out", str(path)], check=True)
+                    "--out", str(path)], check=True, cwd=REPO)
 
 
 def ensure_bench_set(path: Path) -> None:
     if not (path / "imgs").is_dir():
-        import data
+        from tools import phantoms
 
         print(f"bench: writing the synthetic benchmark set to {path}", file=sys.stderr)
-        data.write_bench_set(path)
+        phantoms.write_bench_set(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     for r in rows:  # one after another: never two rows competing for the 2 cores
-        cmd = [sys.executable, __file__, "--worker", r, "--sets", args.sets, "--int8", str(args.int8),
+        cmd = [sys.executable, "-m", "tools.bench", "--worker", r, "--sets", args.sets, "--int8", str(args.int8),
                "--fp32", str(args.fp32), "--bench-dir", str(args.bench_dir), "--repeats", str(args.repeats),
                "-b", str(block)] + (["--threads", str(args.threads)] if args.threads else [])
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
         if proc.returncode or not line:
             print(f"bench: row {r} failed (exit {proc.returncode})", file=sys.stderr)

@@ -20,28 +20,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+if __package__ in (None, ""):  # run as `python tools/bench_memory.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-REPO_DIR = Path(__file__).resolve().parent
+import data
+from tools import phantoms
+
+REPO_DIR = Path(__file__).resolve().parents[1]
 BOX_COUNTS = (1, 16, 64, 128, 255)
 SIZES = ("512x512", "2560x1920", "4032x3024")  # W×H
 BLOCKS = (1, 16, 64, 255)
-SWEEP_SIZE = "2560x1920"  # the issue's memory case: 255 boxes on this image must stay well under 8 GB
-
-
-def make_case(path: Path, width: int, height: int, n_boxes: int, seed: int = 0) -> None:
-    """A 2D challenge npz: smooth random RGB image H×W×3 uint8 and n_boxes boxes on a grid covering it."""
-    rng = np.random.default_rng(seed)
-    import cv2
-
-    coarse = rng.uniform(0, 255, (max(2, height // 64), max(2, width // 64), 3)).astype(np.float32)
-    imgs = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC).clip(0, 255).astype(np.uint8)
-    side = int(np.ceil(np.sqrt(n_boxes)))
-    cell_w, cell_h = width / side, height / side
-    k = np.arange(n_boxes)
-    x0, y0 = (k % side) * cell_w, (k // side) * cell_h
-    boxes = np.stack([x0, y0, x0 + 0.8 * cell_w, y0 + 0.8 * cell_h], axis=1).round().astype(np.int64)
-    np.savez_compressed(path, imgs=imgs, boxes=boxes)
+SWEEP_SIZE = "2560x1920"  # the memory case: 255 boxes on this image must stay well under 8 GB
 
 
 def measure(model_dir: Path, width: int, height: int, n_boxes: int, block: int, work: Path,
@@ -50,30 +39,32 @@ def measure(model_dir: Path, width: int, height: int, n_boxes: int, block: int, 
     inp, out = work / f"in_{width}x{height}_{n_boxes}", work / "out"
     if not inp.exists():
         inp.mkdir()
-        make_case(inp / f"2DBox_Bench_{width}x{height}_{n_boxes}.npz", width, height, n_boxes)
+        case = phantoms.make_synthetic_case("2D", (height, width), n_boxes, "Microscopy", seed=0)
+        data.write_case(inp / f"2DBox_Bench_{width}x{height}_{n_boxes}.npz", case, with_gts=False)
     argv = ["infer.py", "-i", str(inp), "-o", str(out), "-m", str(model_dir),
             "-b", str(block), "-q", "--overwrite", "--times", "", *extra]
     code = (f"import runpy, sys\nsys.argv = {argv!r}\nrc = 0\n"
             f"try:\n    runpy.run_path({str(REPO_DIR / 'infer.py')!r}, run_name='__main__')\n"
             "except SystemExit as e:\n    rc = e.code or 0\n"
-            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
-            "print('VmHWM_kB', hwm)\nsys.exit(rc)\n")
+            "from tools.benchlib import peak_rss_mb\nprint('peak_rss_mb', peak_rss_mb())\nsys.exit(rc)\n")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_DIR, capture_output=True, text=True)
     time_s = time.perf_counter() - t0
     if proc.stderr:
         sys.stderr.write(proc.stderr)
-    hwm = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("VmHWM_kB")]
-    return (int(hwm[-1]) / 1024 if hwm else float("nan")), time_s, proc.returncode
+    peak = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("peak_rss_mb")]
+    return (float(peak[-1]) if peak else float("nan")), time_s, proc.returncode
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Peak RSS of infer.py vs box count, image size and -b (one subprocess per point).",
+    p = argparse.ArgumentParser(description="Peak RSS of infer.py vs box count, image size and -b "
+                                "(one subprocess per point).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-m", "--model", type=Path, default=REPO_DIR / "models" / "default", help="model dir for infer.py")
     p.add_argument("--boxes", default=",".join(map(str, BOX_COUNTS)), help="box counts (at --sweep-size)")
     p.add_argument("--sizes", default=",".join(SIZES), help="image sizes WxH (at the largest box count)")
-    p.add_argument("--blocks", default=",".join(map(str, BLOCKS)), help="-b values (at --sweep-size, largest box count)")
+    p.add_argument("--blocks", default=",".join(map(str, BLOCKS)),
+                   help="-b values (at --sweep-size, largest box count)")
     p.add_argument("-b", "--block", type=int, default=16, help="-b for the box-count and size sweeps")
     p.add_argument("--sweep-size", default=SWEEP_SIZE, help="image size WxH of the box-count and block sweeps")
     p.add_argument("--infer-args", default="--precision f32", help="extra infer.py arguments (one string)")

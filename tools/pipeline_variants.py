@@ -1,8 +1,8 @@
 """Pipeline variants: run labelled cases under named variants of the pipeline around the model and
-print DSC/NSD per modality and overall for each (issue 9).
+print DSC/NSD per modality and overall for each.
 
-    python evaluate.py -i CASES_DIR --gts GTS_DIR -m MODEL_DIR --variants default,pad-then-norm,img-linear \
-        [--precision f32] [--max-slices N] [--out CSV]
+    python -m tools.pipeline_variants -i CASES_DIR --gts GTS_DIR -m MODEL_DIR \
+        --variants default,pad-then-norm,img-linear [--precision f32] [--max-slices N] [--out CSV]
 
 A variant is one name or several joined by "+" (`3d-hybrid+start-largest+margin2`); each name sets
 fields of infer.Pipeline (VARIANTS below, or `field=value`, e.g. `margin_px=3`). Fields left unset
@@ -29,10 +29,15 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python tools/pipeline_variants.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 
+import data
 import infer
 import metrics
+from tools import phantoms
 
 # name → infer.Pipeline fields it sets (a variant combines names with "+")
 VARIANTS: dict[str, dict[str, object]] = {
@@ -61,7 +66,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "ratio0.75": {"min_area_ratio": 0.75},
 }
 THREE_D_FIELDS = ("prompt_3d", "start_slice", "margin_px", "min_area_ratio")
-_FIELD_TYPES = {"norm_then_pad": lambda v: v.lower() in ("1", "true", "yes"), "margin_px": float, "min_area_ratio": float}
+_FIELD_TYPES = {"norm_then_pad": lambda v: v.lower() in ("1", "true", "yes"), "margin_px": float,
+                "min_area_ratio": float}
 
 
 def parse_variant(spec: str) -> infer.Pipeline:
@@ -94,21 +100,20 @@ def effective_key(case: infer.Case, pipe: infer.Pipeline) -> tuple:
     return tuple(sorted(values.items()))
 
 
-class CachingModel:
+class CachingModel(infer.Model):
     """Wraps an infer model for one case at a time (call clear() between cases):
       encode(): cached by the exact bytes of the encoder input;
       decode(): per box, cached by (embedding, exact box_256 bytes); only unseen boxes reach the decoder
     (variants differing after the decoder, or sharing propagation steps, cost no decoder calls).
     Outputs are exactly the wrapped model's. Counts real calls."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: infer.Model) -> None:
+        super().__init__()
         self.model = model
         self.precision = getattr(model, "precision", "?")
         self._embeddings: dict[bytes, np.ndarray] = {}
         self._embedding_key: dict[int, bytes] = {}  # id(embedding array) → its key, while cached
         self._logits: dict[tuple[bytes, bytes], np.ndarray] = {}
-        self.encoder_calls = 0
-        self.decoder_calls = 0
         self.encoder_hits = 0
         self.decoder_box_hits = 0
 
@@ -147,42 +152,6 @@ class CachingModel:
         self._logits.clear()
 
 
-def crop_slices(imgs: np.ndarray, boxes: np.ndarray, gts: np.ndarray, max_slices: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """3D imgs/gts D×H×W and boxes N×6 → the same cropped to ≤ max_slices slices centred on the boxes'
-    z-range. Boxes are clipped in z; a box wholly outside the window keeps its row (labels stay i+1) but
-    is moved outside the image, so repair_case marks it invalid, and its label is removed from gts."""
-    depth = imgs.shape[0]
-    if max_slices <= 0 or depth <= max_slices:
-        return imgs, boxes, gts
-    z_lo, z_hi = int(boxes[:, 2].min()), int(boxes[:, 5].max())
-    start = max(0, min((z_lo + z_hi + 1) // 2 - max_slices // 2, depth - max_slices))
-    stop = start + max_slices
-    imgs, gts = imgs[start:stop], gts[start:stop].copy()
-    boxes = np.asarray(boxes, np.float64).copy()
-    outside = (boxes[:, 5] < start) | (boxes[:, 2] >= stop)
-    boxes[:, [2, 5]] = np.clip(boxes[:, [2, 5]] - start, 0, max_slices - 1)
-    for i in np.flatnonzero(outside):
-        gts[gts == i + 1] = 0
-        boxes[i] = [-10, -10, -10, -5, -5, -5]  # wholly outside: repair_case marks it invalid, no mask
-    return imgs, boxes, gts
-
-
-# synthetic 3D phantoms (issue 9): (modality tag, shape D×H×W, objects per volume); many objects → small ones
-PHANTOMS = (("PhantomSmall", (20, 128, 128), 16), ("PhantomLarge", (24, 128, 128), 1))
-
-
-def write_phantoms(out_dir: Path, n_per_kind: int = 3, seed: int = 0) -> list[Path]:
-    """n_per_kind volumes of each PHANTOMS kind (data.make_synthetic_case) in challenge layout
-    (<out>/imgs, <out>/gts), named 3DBox_<tag>_synth_XXXX.npz. Returns the imgs paths."""
-    written = []
-    for k, (tag, shape, n_objects) in enumerate(PHANTOMS):
-        for i in range(n_per_kind):
-            case = infer.data.make_synthetic_case("3D", shape, n_objects, "CT", seed=seed * 100 + k * 10 + i)
-            written.append(infer.data.write_challenge_case(out_dir, infer.data.case_name("3D", tag, k * 10 + i), case))
-    return written
-
-
 ROW_FIELDS = ["variant", "case", "modality", "dsc", "nsd", "seconds"]
 
 
@@ -208,7 +177,7 @@ def evaluate(model, case_paths: list[Path], gts_dir: Path, variants: list[str], 
         if case.is_3d and max_slices:
             with np.load(path, allow_pickle=False) as f:
                 imgs, boxes = f["imgs"], f["boxes"]
-            imgs, boxes, gts = crop_slices(imgs, boxes, gts, max_slices)
+            imgs, boxes, gts = data.crop_z(imgs, boxes, gts, max_slices)
             case = infer.repair_case(path.name, imgs, boxes)
         done: dict[tuple, tuple[float, float, float]] = {}
         for v, pipe in pipes.items():
@@ -227,7 +196,7 @@ def evaluate(model, case_paths: list[Path], gts_dir: Path, variants: list[str], 
                 csv.DictWriter(f, fieldnames=ROW_FIELDS).writerows(rows[-len(pipes):])
         if progress:
             best = " ".join(f"{v}={r['dsc']:.3f}" for v, r in ((r["variant"], r) for r in rows[-len(pipes):]))
-            print(f"evaluate: [{n + 1}/{len(case_paths)}] {path.name} (encoder {cached.encoder_calls}, "
+            print(f"pipeline_variants: [{n + 1}/{len(case_paths)}] {path.name} (encoder {cached.encoder_calls}, "
                   f"decoder {cached.decoder_calls}) DSC {best}", file=sys.stderr, flush=True)
     return rows
 
@@ -272,7 +241,8 @@ def format_wide_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
 def read_rows(path: Path) -> list[dict]:
     """Rows written by --out (numbers parsed)."""
     with open(path, newline="") as f:
-        return [dict(r, dsc=float(r["dsc"]), nsd=float(r["nsd"]), seconds=float(r["seconds"])) for r in csv.DictReader(f)]
+        return [dict(r, dsc=float(r["dsc"]), nsd=float(r["nsd"]),
+                     seconds=float(r["seconds"])) for r in csv.DictReader(f)]
 
 
 def compare(rows: list[dict], baseline: str) -> str:
@@ -280,7 +250,8 @@ def compare(rows: list[dict], baseline: str) -> str:
     ran, and per-case DSC wins / ties (|Δ| < 0.001) / losses: how consistent a gain is, not just its size."""
     base = {r["case"]: r for r in rows if r["variant"] == baseline}
     variants = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] != baseline))
-    lines = [f"| modality | variant | n | ΔDSC vs {baseline} | ΔNSD | wins / ties / losses |", "|---|---|---:|---:|---:|---|"]
+    lines = [f"| modality | variant | n | ΔDSC vs {baseline} | ΔNSD | wins / ties / losses |",
+             "|---|---|---:|---:|---:|---|"]
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r["variant"] != baseline and r["case"] in base:
@@ -288,7 +259,8 @@ def compare(rows: list[dict], baseline: str) -> str:
             groups.setdefault("overall", []).append(r)
     for m in sorted(g for g in groups if g != "overall") + (["overall"] if groups else []):
         for v in variants:
-            sel = [r for r in groups[m] if r["variant"] == v and not math.isnan(r["dsc"]) and not math.isnan(base[r["case"]]["dsc"])]
+            sel = [r for r in groups[m] if r["variant"] == v and not math.isnan(r["dsc"])
+                   and not math.isnan(base[r["case"]]["dsc"])]
             if not sel:
                 continue
             d_dsc = [r["dsc"] - base[r["case"]]["dsc"] for r in sel]
@@ -313,35 +285,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 "variants (one pipeline: infer.segment_case with different infer.Pipeline knobs).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-i", "--input", type=Path, metavar="CASES_DIR", help="folder of input .npz cases (imgs, boxes)")
-    p.add_argument("--gts", type=Path, metavar="GTS_DIR", help="folder of ground-truth .npz (gts, spacing) with the same names")
-    p.add_argument("-m", "--model", type=Path, default=infer.DEFAULT_MODEL_DIR, metavar="MODEL_DIR", help="model dir (encoder/decoder IR or ONNX)")
+    p.add_argument("--gts", type=Path, metavar="GTS_DIR",
+                   help="folder of ground-truth .npz (gts, spacing) with the same names")
+    p.add_argument("-m", "--model", type=Path, default=infer.DEFAULT_MODEL_DIR, metavar="MODEL_DIR",
+                   help="model dir (encoder/decoder IR or ONNX)")
     p.add_argument("--variants", default="default", metavar="V1,V2,…",
                    help=f"comma-separated variants; a variant joins names with '+'; names: {', '.join(VARIANTS)}; "
                         "or field=value of infer.Pipeline")
-    p.add_argument("--precision", choices=("f32", "bf16", "auto"), default="f32", help="OpenVINO INFERENCE_PRECISION_HINT")
+    p.add_argument("--precision", choices=("f32", "bf16", "auto"), default="f32",
+                   help="OpenVINO INFERENCE_PRECISION_HINT")
     p.add_argument("--backend", choices=("openvino", "onnxruntime"), default="openvino", help="inference runtime")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="inference threads; none = the runtime's choice")
-    p.add_argument("-b", "--block", type=int, default=infer.DEFAULT_BLOCK, metavar="BLOCK", help="max boxes per decoder call")
-    p.add_argument("--max-slices", type=int, default=0, metavar="N", help="crop 3D volumes to N slices around their boxes; 0 = whole volume")
-    p.add_argument("--only", default="", metavar="SUBSTR,…", help="only cases whose file name contains one of these substrings (e.g. 2DBox_,3DBox_CT)")
-    p.add_argument("--out", type=Path, default=None, metavar="CSV", help="per-case rows (variant, case, modality, dsc, nsd, seconds)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="inference threads; none = the runtime's choice")
+    p.add_argument("-b", "--block", type=int, default=infer.DEFAULT_BLOCK, metavar="BLOCK",
+                   help="max boxes per decoder call")
+    p.add_argument("--max-slices", type=int, default=0, metavar="N",
+                   help="crop 3D volumes to N slices around their boxes; 0 = whole volume")
+    p.add_argument("--only", default="", metavar="SUBSTR,…",
+                   help="only cases whose file name contains one of these substrings (e.g. 2DBox_,3DBox_CT)")
+    p.add_argument("--out", type=Path, default=None, metavar="CSV",
+                   help="per-case rows (variant, case, modality, dsc, nsd, seconds)")
     p.add_argument("--baseline", default=None, metavar="VARIANT",
                    help="also print mean ΔDSC/ΔNSD and per-case wins/ties/losses of every variant against this one")
     p.add_argument("--from-csv", type=Path, default=None, metavar="CSV",
                    help="no inference: summarise rows of an earlier --out (also a partial one)")
-    p.add_argument("--wide", action="store_true", help="print one column pair per variant instead of one row per variant")
+    p.add_argument("--wide", action="store_true",
+                   help="print one column pair per variant instead of one row per variant")
     p.add_argument("--make-phantoms", type=Path, default=None, metavar="DIR",
                    help="write the synthetic 3D phantoms (small and large objects) to DIR/imgs, DIR/gts, then evaluate "
                         "them if -i is DIR/imgs")
-    p.add_argument("--cache-dir", type=str, default=str(infer.DEFAULT_CACHE_DIR), metavar="DIR", help="OpenVINO compiled-model cache; '' = none")
+    p.add_argument("--cache-dir", type=str, default=str(infer.DEFAULT_CACHE_DIR), metavar="DIR",
+                   help="OpenVINO compiled-model cache; '' = none")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.make_phantoms:
-        paths = write_phantoms(args.make_phantoms)
-        print(f"evaluate: wrote {len(paths)} phantoms to {args.make_phantoms}", file=sys.stderr)
+        paths = phantoms.write_phantom_volumes(args.make_phantoms)
+        print(f"pipeline_variants: wrote {len(paths)} phantoms to {args.make_phantoms}", file=sys.stderr)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.from_csv:
         rows = read_rows(args.from_csv)
@@ -350,31 +332,32 @@ def main(argv: list[str] | None = None) -> int:
         report(rows, variants, args)
         return 0
     if args.input is None or args.gts is None:
-        print("evaluate: error: -i CASES_DIR and --gts GTS_DIR are needed (unless --from-csv)", file=sys.stderr)
+        print("pipeline_variants: error: -i CASES_DIR and --gts GTS_DIR are needed (unless --from-csv)",
+              file=sys.stderr)
         return 2
     try:
         for v in variants:
             parse_variant(v)
     except ValueError as e:
-        print(f"evaluate: error: --variants: {e}", file=sys.stderr)
+        print(f"pipeline_variants: error: --variants: {e}", file=sys.stderr)
         return 2
     for flag, d in (("-i", args.input), ("--gts", args.gts)):
         if not d.is_dir():
-            print(f"evaluate: error: {flag} {d}: not a directory", file=sys.stderr)
+            print(f"pipeline_variants: error: {flag} {d}: not a directory", file=sys.stderr)
             return 2
     only = [s for s in args.only.split(",") if s]
     paths = sorted(p for p in args.input.glob("*.npz") if (args.gts / p.name).is_file()
                    and (not only or any(s in p.name for s in only)))
     paths.sort(key=estimated_cost)  # cheap cases first: a run stopped early has the most cases
     if not paths:
-        print(f"evaluate: error: no *.npz in {args.input} with a namesake in {args.gts}", file=sys.stderr)
+        print(f"pipeline_variants: error: no *.npz in {args.input} with a namesake in {args.gts}", file=sys.stderr)
         return 2
     try:
         model = infer.load_model(args.model, args.backend, args.precision, args.threads, args.cache_dir or None)
     except FileNotFoundError as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
+        print(f"pipeline_variants: error: {e}", file=sys.stderr)
         return 2
-    print(f"evaluate: {len(paths)} cases × {len(variants)} variants, model {args.model} ({model.precision})",
+    print(f"pipeline_variants: {len(paths)} cases × {len(variants)} variants, model {args.model} ({model.precision})",
           file=sys.stderr)
     rows = evaluate(model, paths, args.gts, variants, args.block, args.max_slices, rows_csv=args.out)
     report(rows, variants, args)

@@ -1,5 +1,5 @@
-"""Encoder time and peak RSS against the number of 3D slices per encoder call (issue 7: "consider
-batching several slices of a 3D volume into one encoder call").
+"""Encoder time and peak RSS against the number of 3D slices per encoder call, and static vs dynamic
+input shapes.
 
     python bench_batch.py                                  # models/default, batches 1 2 4, 2 rounds
     python bench_batch.py -m runs/models/fp32 --batches 1 2 4 8 --precision f32
@@ -15,12 +15,14 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/bench_batch.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 SLICES_PER_SIZE = 24  # timed slices per batch size (calls = SLICES_PER_SIZE // batch)
 
 
@@ -28,27 +30,20 @@ def worker(model_dir: str, batch: int, static: bool, precision: str, threads: in
     """Compile the model as infer.py does (with a static batch of `batch`, or the IR's dynamic batch)
     and time encoder calls on `batch` random 256×256 slices; returns ms per slice and this process's
     peak RSS."""
-    import bench_index
     import infer
+    from tools.benchlib import median_ms, peak_rss_mb
     net = infer.OpenVINOModel(Path(model_dir), precision=precision, threads=threads,  # infer.py's compile
                               encoder_batch=batch if static else None)
     image = np.random.default_rng(0).random((batch, 3, 256, 256), dtype=np.float32)
-    for _ in range(2):  # warm-up: first calls allocate and tune kernels
-        net.encode(image)
-    times_s = []
-    for _ in range(max(1, SLICES_PER_SIZE // batch)):
-        t0 = time.perf_counter()
-        net.encode(image)
-        times_s.append(time.perf_counter() - t0)
-    return {"batch": batch, "ms_per_slice": 1000 * float(np.median(times_s)) / batch,
-            "peak_rss_mb": bench_index.peak_rss_mb(),
+    ms = median_ms(lambda: net.encode(image), max(1, SLICES_PER_SIZE // batch), warmup=2)
+    return {"batch": batch, "ms_per_slice": ms / batch, "peak_rss_mb": peak_rss_mb(),
             "precision": net.precision}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-m", "--model", default=str(HERE / "models" / "default"), help="model dir with encoder.xml")
+    p.add_argument("-m", "--model", default=str(REPO / "models" / "default"), help="model dir with encoder.xml")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4], help="slices per encoder call")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the table shows the last")
     p.add_argument("--precision", choices=("f32", "bf16", "auto"), default="auto",
@@ -67,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for batch in args.batches:
             for static in (0, 1):
-                cmd = [sys.executable, str(Path(__file__).resolve()), "-m", args.model, "--precision",
+                cmd = [sys.executable, "-m", "tools.bench_batch", "-m", args.model, "--precision",
                        args.precision, "--worker", str(batch), str(static)]
                 cmd += ["--threads", str(args.threads)] if args.threads else []
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE).stdout
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
                 rows[batch, static] = json.loads(out.strip().splitlines()[-1])
     base = rows[args.batches[0], 1]["ms_per_slice"]
     print(f"{args.model}  (float ops: {rows[args.batches[0], 1]['precision']}; ms per slice, median)")
@@ -79,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batches:
         dyn, sta = rows[batch, 0], rows[batch, 1]
         print(f"{batch:>11} {dyn['ms_per_slice']:>10.1f} {sta['ms_per_slice']:>9.1f} "
-              f"{dyn['ms_per_slice'] / sta['ms_per_slice']:>8.2f} {base / sta['ms_per_slice']:>6.2f} {sta['peak_rss_mb']:>11.0f}")
+              f"{dyn['ms_per_slice'] / sta['ms_per_slice']:>8.2f} {base / sta['ms_per_slice']:>6.2f} "
+              f"{sta['peak_rss_mb']:>11.0f}")
     return 0
 
 
