@@ -1,8 +1,11 @@
 """Export LiteMedSAM / QMedSAM to the model dir infer.py reads: ONNX (plain for fp32, Brevitas QCDQ
 for int8) and OpenVINO IR.
 
+    python export.py                                  # the latest run's best.pth (else int8 by calibration)
     python export.py --checkpoint CKPT --out MODEL_DIR [--fp32] [--opset N] [--no-ir]
     python export.py --quantize-calibrated --calib-data devset/imgs --calib-images 8 --out MODEL_DIR
+
+Without --out the model goes to a new folder runs/export/<UTC time>/ (never over models/default).
 
 MODEL_DIR (written atomically: a temporary dir next to it, then one rename per file, meta.json last):
     encoder.onnx / encoder.xml+.bin  image B×3×256×256 float32 → image_embedding B×256×64×64 (B dynamic)
@@ -259,16 +262,18 @@ def export_model(net: model_lib.LiteMedSAM, out_dir: str | os.PathLike, info: di
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default="published",
-                   help='"published" (fp32 LiteMedSAM) or a train.py checkpoint (.pth)')
-    p.add_argument("--out", required=True, type=Path, help="model dir to write")
+    p.add_argument("--checkpoint", default=None,
+                   help='"published" (fp32 LiteMedSAM) or a train.py checkpoint (.pth); default: the newest '
+                        "runs/*/stage*/best.pth, or the published model int8-quantized by calibration if none")
+    p.add_argument("--out", type=Path, default=None,
+                   help="model dir to write; default: a new folder runs/export/<UTC time>")
     p.add_argument("--fp32", action="store_true",
                    help="plain fp32 ONNX export (the checkpoint must not be quantized)")
     p.add_argument("--quantize-calibrated", action="store_true",
                    help="int8 post-training quantization of the published model: quantize_ + "
                         "calibrate on --calib-images images from --calib-data, then QCDQ export")
     p.add_argument("--calib-data", default=str(DEFAULT_CALIB_DATA),
-                   help='folder of npz cases for --quantize-calibrated, or "synthetic"')
+                   help="folder of npz cases for --quantize-calibrated")
     p.add_argument("--calib-images", type=int, default=DEFAULT_CALIB_IMAGES,
                    help="number of calibration images")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
@@ -283,25 +288,53 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def latest_checkpoint(runs_dir: Path = REPO_DIR / "runs") -> Path | None:
+    """The most recently written train.py selection, runs/<run>/stage<k>/best.pth, or None."""
+    found = sorted(runs_dir.glob("*/stage*/best.pth"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def new_export_dir(runs_dir: Path = REPO_DIR / "runs") -> Path:
+    """A folder name under runs/export/ that does not exist yet (UTC time, suffixed if taken)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out, k = runs_dir / "export" / stamp, 1
+    while out.exists():
+        out, k = runs_dir / "export" / f"{stamp}-{k}", k + 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    out = args.out or new_export_dir()
+    checkpoint = args.checkpoint
+    if checkpoint is None and args.fp32:
+        checkpoint = "published"
+    if checkpoint is None and not args.quantize_calibrated:
+        checkpoint = latest_checkpoint()
+        if checkpoint is None:
+            say("no runs/*/stage*/best.pth: exporting the published LiteMedSAM quantized to int8 by calibration")
+            args.quantize_calibrated = True
+        else:
+            say(f"exporting the latest run's selected checkpoint {checkpoint}")
     try:
         if args.quantize_calibrated:
-            if args.fp32 or args.checkpoint != "published":
+            if args.fp32 or checkpoint not in (None, "published"):
                 raise ValueError("--quantize-calibrated starts from the published model: "
                                  "drop --fp32 / --checkpoint")
             net, info = build_ptq_model(args.calib_data, args.calib_images)
         else:
-            net, info = load_checkpoint(args.checkpoint)
+            net, info = load_checkpoint(str(checkpoint))
             if args.fp32 and (info["quantized"]["encoder"] or info["quantized"]["decoder"]):
-                raise ValueError(f"{args.checkpoint}: --fp32 given but the checkpoint is quantized")
-        out = export_model(net, args.out, info, opset=args.opset, ir=not args.no_ir,
+                raise ValueError(f"{checkpoint}: --fp32 given but the checkpoint is quantized")
+        out = export_model(net, out, info, opset=args.opset, ir=not args.no_ir,
                            fold_clips=not args.keep_clips, split_qkv=not args.keep_fused_qkv)
     except (FileNotFoundError, ValueError) as e:
         say(f"error: {e}")
         return 1
-    say(f"wrote {out}")
+    kind = ("int8 (calibrated)" if args.quantize_calibrated else
+            "int8" if info["quantized"]["encoder"] or info["quantized"]["decoder"] else "fp32")
+    say(f"wrote the {kind} model of {info['checkpoint']} to {out}")
     return 0
 
 

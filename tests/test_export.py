@@ -9,6 +9,7 @@ The exports take ~40 s (fp32) and ~1–2 min (QCDQ) each, once per session: thos
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -367,3 +368,35 @@ def test_qcdq_decoder_dynamic_boxes(qcdq, sample_q):
             assert mask_iou(out[name][:1], first[name]) >= 0.99, (name, n)
             if n > 7:  # row j and j + 7 are the same box
                 assert mask_iou(out[name][:n - 7], out[name][7:]) >= 0.99, (name, n)
+
+
+def test_bare_export_takes_the_latest_run_else_calibrates_and_never_writes_models_default(tmp_path, monkeypatch,
+                                                                                          capsys):
+    runs = tmp_path / "runs"
+    for k, run in enumerate(("old", "new")):
+        ckpt = runs / run / "stage2" / "best.pth"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"x")
+        os.utime(ckpt, (1000 + k, 1000 + k))
+    assert export.latest_checkpoint(runs) == runs / "new" / "stage2" / "best.pth"
+    assert export.latest_checkpoint(tmp_path / "empty") is None
+    first = export.new_export_dir(runs)
+    first.mkdir(parents=True)
+    second = export.new_export_dir(runs)
+    assert first.parent == second.parent == runs / "export" and first != second
+
+    calls = {}
+    monkeypatch.setattr(export, "new_export_dir", lambda: tmp_path / "runs" / "export" / "x")
+    monkeypatch.setattr(export, "load_checkpoint", lambda c: (calls.setdefault("ckpt", c), {
+        "checkpoint": c, "quantized": {"encoder": True, "decoder": True}}))
+    monkeypatch.setattr(export, "build_ptq_model", lambda d, k: (calls.setdefault("ptq", (d, k)), {
+        "checkpoint": "published", "quantized": {"encoder": True, "decoder": True}}))
+    monkeypatch.setattr(export, "export_model", lambda net, out, info, **kw: out)
+    monkeypatch.setattr(export, "latest_checkpoint", lambda: runs / "new" / "stage2" / "best.pth")
+    assert export.main([]) == 0
+    assert calls == {"ckpt": str(runs / "new" / "stage2" / "best.pth")}
+    assert "runs/export/x" in capsys.readouterr().err
+    calls.clear()
+    monkeypatch.setattr(export, "latest_checkpoint", lambda: None)
+    assert export.main([]) == 0
+    assert list(calls) == ["ptq"] and "quantized to int8 by calibration" in capsys.readouterr().err
