@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ast
 import bisect
+import csv
+import functools
 import json
 import os
 import re
@@ -155,7 +157,10 @@ def preprocess_mask(mask: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
 CHALLENGE_MODALITIES = ("CT", "MR", "PET", "US", "X-Ray", "Dermoscopy", "Endoscopy", "Fundus",
                         "Mammography", "Microscopy", "OCT")
 _MODALITY_ALIASES = {m.lower().replace("-", ""): m for m in CHALLENGE_MODALITIES}
-_MODALITY_ALIASES.update({"mri": "MR", "xray": "X-Ray", "cxr": "X-Ray", "ultrasound": "US"})
+# the challenge's own file names say "Microscope" and "X-Ray"; other spellings seen in public data
+_MODALITY_ALIASES.update({"mri": "MR", "xray": "X-Ray", "cxr": "X-Ray", "ultrasound": "US", "microscope": "Microscopy",
+                          "endoscope": "Endoscopy", "dermoscope": "Dermoscopy", "mammo": "Mammography",
+                          "mammogram": "Mammography", "retina": "Fundus"})
 _BOX_NAME = re.compile(r"^(2D|3D)Box_([^_]+)_")
 _LABEL_DIRS = {"gts", "segs"}  # label / prediction folders: never cases themselves
 
@@ -847,6 +852,39 @@ class BalancedSampler:
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+SPLIT_FILE = "split.csv"  # the dev set's per-modality tune / check halves (tools/build_devset.py writes it)
+
+
+def read_split(root: str | os.PathLike) -> dict[str, str]:
+    """{case name without .npz: "tune" | "check"} from <root>/split.csv; {} when there is none."""
+    path = Path(root) / SPLIT_FILE
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {row["name"]: row["half"] for row in csv.DictReader(f)}
+
+
+def half_of(path: str | os.PathLike) -> str | None:
+    """"tune" or "check" for a dev-set case (its split.csv is in the case's folder or the one above it,
+    as in devset/imgs/<name>.npz), None for any other case."""
+    path = Path(path)
+    for root in (path.parent, path.parent.parent):
+        split = _cached_split(str(root.resolve()))
+        if split:
+            return split.get(path.name[:-4] if path.name.endswith(".npz") else path.name)
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_split(root: str) -> dict[str, str]:
+    return read_split(root)
+
+
+def without_check_half(files: Iterable[str | os.PathLike]) -> list:
+    """`files` minus the dev set's check half: what training, calibration and any selection may read."""
+    return [f for f in files if half_of(f) != "check"]
 
 
 def split_by_file(files: Sequence[str | os.PathLike], eval_fraction: float = 0.1, seed: int = 0,

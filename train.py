@@ -13,9 +13,9 @@ curves.png}; `--init` defaults to RUN/stage<k-1>/best.pth (stage 1: the publishe
 quantized and calibrated on a few training images).
 
 One process, or DDP under torchrun (gloo on CPU, NCCL on CUDA; rank 0 logs and saves):
-  python train.py --stage 1 --data data/synthetic --out runs/demo --epochs 2 --max-steps 20
-  python train.py --stage 2 --data data/synthetic --out runs/demo        # starts from stage1/best.pth
-  torchrun --nproc_per_node 2 train.py --stage 3 --data data/synthetic --out runs/demo
+  python train.py --stage 1                       # a short run on the bundled dev set → runs/qat/stage1
+  torchrun --nproc_per_node 2 train.py --stage 2  # starts from runs/qat/stage1/best.pth
+  python train.py --stage 3 --config configs/cvpr24.py --data /data/cvpr24 --device cuda
 Multi-node (2 nodes × 4 GPUs; run the same line on every node, HOST0 reachable from all):
   torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 \
       --rdzv_id qmedsam train.py --stage 1 --device cuda --data /data/cvpr24 --out /shared/runs/qat
@@ -61,9 +61,13 @@ import losses
 import metrics
 import model as model_lib
 
+REPO_DIR = Path(__file__).resolve().parent
+
 # ---- defaults (override with --config FILE or flags) ----
+# Bare `python train.py --stage k` is a short CPU run on the bundled dev set (minutes); challenge-scale
+# settings are a config file away: --config configs/cvpr24.py --data /data/cvpr24.
 stage = 1                      # 1 | 2 | 3, see the module docstring
-data_root = "data/synthetic"   # challenge tree <root>/<Modality>/<dataset>/*.npz, or a flat dir
+data_root = str(REPO_DIR / "devset")  # challenge tree <root>/<Modality>/<dataset>/*.npz, or a flat dir
 extra_data = []                # more training trees, never evaluated on (e.g. synthetic phantoms)
 eval_root = None               # separate eval tree; None → hold out eval_fraction of --data by file
 eval_fraction = 0.1            # the paper holds out one tenth
@@ -71,24 +75,24 @@ out = "runs/qat"               # run directory; stage k writes out/stage<k>/
 init = None                    # start checkpoint; None → previous stage's best.pth (stage 1: published)
 teacher = "published"          # stage-1 fp32 teacher
 resume = False                 # continue from out/stage<k>/last.pth
-epochs = 10
-batch_size = 8
-lr = 1e-4
-warmup_epochs = 1
+epochs = 1
+batch_size = 2
+lr = 2e-5
+warmup_epochs = 0
 anneal_epochs = None           # None → epochs − warmup_epochs
-optim = "sgd"                  # sgd (momentum 0.9, like the reference) | adamw
+optim = "adamw"                # sgd (momentum 0.9, like the reference) | adamw
 momentum = 0.9
 weight_decay = 1e-4
 distill_weight = 1.0           # weight of the stage-1 distillation term
 device = "cpu"
 amp = False                    # CUDA autocast fp16 + GradScaler; ignored with a warning on CPU
 max_steps = 0                  # >0: stop each epoch after this many optimizer steps
-samples_per_modality = 0       # >0: the balanced sampler draws this many per modality per epoch
+samples_per_modality = 6       # >0: the balanced sampler draws this many per modality per epoch (0: Ns(m))
 workers = 0                    # DataLoader worker processes
 seed = 0
 bbox_shift = 10                # box jitter in pixels (paper config: 10)
-calib_images = 8               # training images used to calibrate freshly quantized parts
-eval_max_slices = 16           # 3D eval: at most this many contiguous slices per case (0 = all)
+calib_images = 16              # training images used to calibrate freshly quantized parts
+eval_max_slices = 6            # 3D eval: at most this many contiguous slices per case (0 = all)
 eval_max_cases = 0             # >0: evaluate only the first N eval cases (cheap smoke runs)
 eval_box_block = 16            # boxes per decoder call in evaluation (infer.DEFAULT_BLOCK: memory)
 pseudo_label = False           # also train on unlabeled cases with the fp32 teacher's mask as target
@@ -281,9 +285,10 @@ def default_init(cfg: argparse.Namespace) -> str:
     if cfg.stage == 1:
         return "published"
     prev = Path(cfg.out) / f"stage{cfg.stage - 1}" / "best.pth"
-    if not prev.is_file():
-        raise SystemExit(f"train.py: {prev} does not exist; run stage {cfg.stage - 1} first "
-                         f"or pass --init CKPT")
+    if not prev.is_file():  # a fresh run: the earlier stages' parts start as calibrated int8
+        print(f"train.py: no {prev} (stage {cfg.stage - 1} has not run): starting from the published "
+              f"LiteMedSAM, quantized and calibrated on the training data", file=sys.stderr)
+        return "published"
     return str(prev)
 
 
@@ -620,17 +625,18 @@ def checkpoint_dict(net: nn.Module, optimizer, scaler, epoch: int, lr_now: float
 
 def split_files(cfg: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(training files, labeled eval files): hold out --eval-fraction of --data by file, or
-    --eval-root; --extra-data trees only add training files."""
-    files = [str(f) for f in data.find_cases(cfg.data_root)]
+    --eval-root; --extra-data trees only add training files. The dev set's check half is never read:
+    not to train, not to choose the best checkpoint."""
+    files = [str(f) for f in data.without_check_half(data.find_cases(cfg.data_root))]
     if not files:
         raise SystemExit(f"train.py: no npz cases found under {cfg.data_root}")
     if cfg.eval_root:
-        train_files, eval_files = files, [str(f) for f in data.find_cases(cfg.eval_root)]
+        train_files, eval_files = files, [str(f) for f in data.without_check_half(data.find_cases(cfg.eval_root))]
     else:
         train_files, eval_files = data.split_by_file(files, cfg.eval_fraction, cfg.seed)
     for root in cfg.extra_data or ():
         try:
-            extra = data.find_cases(root)
+            extra = data.without_check_half(data.find_cases(root))
         except ValueError as e:
             raise SystemExit(f"train.py: --extra-data {e}") from None
         if not extra:
@@ -658,6 +664,8 @@ def main(argv: list[str] | None = None) -> dict:
         stage_dir.mkdir(parents=True, exist_ok=True)
 
     train_files, eval_files = split_files(cfg)
+    log(rank, f"stage {cfg.stage}: training on {cfg.data_root} for {cfg.epochs} epoch(s), writing "
+              f"{stage_dir}/ (last.pth, best.pth, metrics.csv)")
     dataset = make_train_data(cfg, train_files, rank, world)
     n_unlabeled = len(dataset.unlabeled) if dataset.unlabeled is not None else 0
     log(rank, f"stage {cfg.stage}: {len(train_files)} training files ({len(dataset.labeled)} labeled"

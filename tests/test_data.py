@@ -433,3 +433,21 @@ def test_crop_z_window_boxes_and_labels():
     ("x.npz", (9, 64, 64), None, True), ("x.npz", (9, 64, 64), 4, True), ("2D_x.npz", (9, 64, 64), None, False)])
 def test_one_rule_decides_3d(name, shape, box_width, expect):
     assert data.is_3d_case(name, shape, box_width) is expect
+
+
+@pytest.mark.parametrize("name,modality", [("2DBox_Microscope_cells_1.npz", "Microscopy"),
+                                           ("2DBox_X-Ray_chest_1.npz", "X-Ray"), ("2DBox_XRay_a.npz", "X-Ray"),
+                                           ("2DBox_Mammo_a.npz", "Mammography"), ("3DBox_MRI_a.npz", "MR"),
+                                           ("2DBox_Ultrasound_a.npz", "US"), ("3DBox_PET_a.npz", "PET")])
+def test_modality_from_the_challenges_own_spellings(name, modality):
+    assert data.modality_of(name) == modality
+
+
+def test_check_half_is_read_from_the_split_file(tmp_path):
+    for sub in ("imgs", "gts"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "split.csv").write_text("name,modality,half,local\n2DBox_US_a,US,tune,no\n2DBox_US_b,US,check,no\n")
+    files = [tmp_path / "imgs" / f"2DBox_US_{k}.npz" for k in "abc"]
+    assert [data.half_of(f) for f in files] == ["tune", "check", None]
+    assert data.half_of(tmp_path / "gts" / "2DBox_US_b.npz") == "check"
+    assert data.without_check_half(files) == [files[0], files[2]]

@@ -108,7 +108,8 @@ def test_pseudo_label_data_shards(tmp_path):
     files = [str(f) for f in data.find_cases(tmp_path)]
     shards = []
     for rank in (0, 1):
-        cfg = train.parse_config(["--data", str(tmp_path), "--pseudo-label", "--seed", "4"])
+        cfg = train.parse_config(["--data", str(tmp_path), "--pseudo-label", "--seed", "4",
+                                  "--samples-per-modality", "0"])
         ts = train.make_train_data(cfg, files, rank, 2)
         n_lab = len(ts.labeled)
         assert len(ts.unlabeled) == 1 + 5
@@ -242,8 +243,9 @@ def test_train_one_epoch_updates_only_the_stage_parts(tiny_mixed, stage):
 
 # ---- slow: real runs of the real model on a tiny synthetic set ----
 
+# SGD: the resume test checks its momentum buffers
 TINY = ["--batch-size", "1", "--max-steps", "1", "--calib-images", "1", "--eval-max-cases", "1",
-        "--eval-fraction", "0.5", "--lr", "1e-3", "--seed", "0"]
+        "--eval-fraction", "0.5", "--lr", "1e-3", "--seed", "0", "--optim", "sgd"]
 
 
 @pytest.fixture(scope="module")
@@ -366,3 +368,30 @@ def test_torchrun_two_ranks_gloo(chain, synth, tmp_path):
     rows = rows_of(out / "stage2")
     assert len(rows) == 1 and int(rows[0]["train_samples"]) == 2  # both ranks' samples counted
     assert int(rows[0]["eval_n"]) == 2                            # eval cases gathered over ranks
+
+
+def test_bare_stage_k_starts_from_the_previous_stage_or_the_published_model(tmp_path, capsys):
+    cfg = train.parse_config(["--stage", "2", "--out", str(tmp_path)])
+    assert train.default_init(cfg) == "published" and "stage 1 has not run" in capsys.readouterr().err
+    best = tmp_path / "stage1" / "best.pth"
+    best.parent.mkdir()
+    best.write_bytes(b"x")
+    assert train.default_init(cfg) == str(best)
+    assert train.default_init(train.parse_config(["--stage", "1", "--out", str(tmp_path)])) == "published"
+    assert Path(train.parse_config([]).data_root) == Path(train.__file__).parent / "devset"
+
+
+def test_no_training_selection_or_calibration_file_is_in_the_check_half():
+    """The dev set's check half only confirms decisions: the bare run's training and evaluation lists
+    (evaluation picks best.pth) and the calibration images never contain a check case."""
+    import model
+    devset = Path(train.__file__).parent / "devset"
+    check = {n for n, h in data.read_split(devset).items() if h == "check"}
+    assert len(check) >= 40
+    train_files, eval_files = train.split_files(train.parse_config([]))
+    calib = model.calibration_files(devset / "imgs", 200)
+    for files in (train_files, eval_files, calib):
+        names = {Path(f).name[:-4] for f in files}
+        assert names and not names & check
+    assert {Path(f).name[:-4] for f in train_files + eval_files} & {n for n, h in data.read_split(devset).items()
+                                                                     if h == "tune"}
