@@ -18,26 +18,35 @@ OUTPUT_DIR/X.npz with `segs`: uint8 label map (H×W or D×H×W), label i+1 where
     boxes on it. Decoder calls take at most BLOCK boxes; each box's logits are resized and written into
     the label map one at a time, so memory never holds N full-size masks.
 
-Imports numpy, opencv, openvino, tqdm and data.py's preprocessing only (onnxruntime only for
---backend onnxruntime): no torch, so the Docker image stays small.
+Compiled models are cached (--cache-dir): the challenge runs one container per case and keeps only the
+output folder, so predict.sh puts the cache in a hidden folder there (OUTPUT_DIR/.qmedsam_cache) and
+seeds it from the cache built into the image; a stale or half-written cache entry is recompiled.
+
+Imports numpy, opencv, openvino and data.py's preprocessing only (tqdm for a progress bar over several
+cases, onnxruntime only for --backend onnxruntime): no torch, so the Docker image stays small.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import os
-import sys
-import tempfile
 import time
-import zipfile
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import cv2
-import numpy as np
-from tqdm import tqdm
+_T_START = time.perf_counter()  # before the heavy imports: --timing reports what they cost
 
-import data
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import zipfile  # noqa: E402
+from collections import OrderedDict  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+import data  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_DIR = REPO_DIR / "models" / "default"
@@ -55,7 +64,10 @@ PROMPT_3D_MODES = ("box", "propagate", "hybrid")
 HYBRID_MIN_AREA_RATIO = 0.5  # hybrid: fall back to the 3D box when the mask shrinks below this × previous
 EMBED_CACHE_MB = 1024  # propagate/hybrid keep slice embeddings for the downward sweep up to this size
 START_SLICES = ("middle", "largest")
-MASK_INTERPS = ("linear", "cubic", "nearest")
+Z_SAMPLINGS = ("every", "adaptive")
+ADAPTIVE_CACHE_SLICES = 64  # adaptive z-sampling: slice embeddings kept for other boxes (4 MB each)
+INTERP_CHOICES = ("area", "linear", "cubic", "area/linear", "area/cubic")  # "DOWN/UP": data.interpolation
+MASK_INTERPS = ("linear", "cubic", "nearest", "area/linear", "area/cubic")
 
 
 @dataclass(frozen=True)
@@ -64,15 +76,19 @@ class Pipeline:
     preprocessing from data.preprocess_options(modality) (shared with training), the 3D prompt from
     PROMPT_3D_BY_MODALITY, everything else from PIPELINE_BY_MODALITY / PIPELINE_FALLBACK.
 
-    image_interp   resize of the image to 256 (data.INTERPOLATIONS: area / linear / cubic)
+    image_interp   resize of the image to 256: area / linear / cubic, or DOWN/UP by scale (data.interpolation)
     norm_then_pad  min-max normalise before zero padding (True) or after (False)
-    mask_interp    upsampling of the 256² logits to H×W: linear / cubic / nearest (of the binarised mask)
+    mask_interp    resize of the 256² logits to H×W: linear / cubic / nearest, or DOWN/UP by scale
     box_rounding   boxes mapped to 256 space kept as float, rounded, or floor/ceil outward
     prompt_3d      box | propagate | hybrid (see segment_3d)
     start_slice    propagate/hybrid: start at the middle of the box's z-range, or on the slice where the
                    3D box's x/y gives the largest predicted mask (costs the box-mode decoder pass)
     margin_px      propagate/hybrid: grow each propagated mask bbox by this many pixels per side
     min_area_ratio hybrid: fall back to the 3D box's x/y below this × the previous slice's mask area
+    z_sampling     every: the model on every slice of a box's z-range; adaptive: on a coarse grid, refined
+                   where neighbouring masks disagree, the rest filled by shape interpolation (segment_3d)
+    z_agree_iou    adaptive: two computed slices agree when their masks' IoU is at least this
+    z_max_gap      adaptive: at most this many slices are filled between two computed ones
     """
     image_interp: str | None = None
     norm_then_pad: bool | None = None
@@ -82,12 +98,16 @@ class Pipeline:
     start_slice: str | None = None
     margin_px: float | None = None
     min_area_ratio: float | None = None
+    z_sampling: str | None = None
+    z_agree_iou: float | None = None
+    z_max_gap: int | None = None
 
 
 # Defaults of the knobs after preprocessing (preprocessing defaults live in data.py, for training too),
 # chosen on the dev set (docs/pipeline_variants.md).
 PIPELINE_FALLBACK: dict[str, object] = {"mask_interp": "linear", "box_rounding": "float", "start_slice": "middle",
-                                        "margin_px": 2.0, "min_area_ratio": HYBRID_MIN_AREA_RATIO}
+                                        "margin_px": 2.0, "min_area_ratio": HYBRID_MIN_AREA_RATIO,
+                                        "z_sampling": "every", "z_agree_iou": 0.85, "z_max_gap": 4}
 PIPELINE_BY_MODALITY: dict[str, dict[str, object]] = {"US": {"box_rounding": "outward"}}
 
 
@@ -129,31 +149,53 @@ class Model:
 ENCODER_BATCH = 1  # slices per encoder call: the pipeline embeds one image / 3D slice at a time
 
 
+def seed_cache(cache_dir: Path, seed_dir: Path | None) -> int:
+    """Copy the compiled-model blobs of `seed_dir` (the cache built into the Docker image) into an empty
+    `cache_dir`; returns how many. OpenVINO keys each blob by the model, the device and its settings, so a
+    seed compiled on another CPU is simply not used (it compiles and adds its own)."""
+    if not seed_dir or not Path(seed_dir).is_dir() or any(Path(cache_dir).glob("*.blob")):
+        return 0
+    n = 0
+    for blob in Path(seed_dir).glob("*.blob"):
+        tmp = Path(cache_dir) / f".{blob.name}.tmp"
+        shutil.copyfile(blob, tmp)
+        os.replace(tmp, Path(cache_dir) / blob.name)  # whole blobs only, even if this container is killed
+        n += 1
+    return n
+
+
 class OpenVINOModel(Model):
-    """encoder.xml + decoder.xml of a model dir, compiled once on CPU."""
+    """encoder.xml + decoder.xml of a model dir, compiled once on CPU (from the cache when it has them)."""
 
     def __init__(self, model_dir: Path, precision: str = "auto", threads: int | None = None,
-                 cache_dir: Path | None = DEFAULT_CACHE_DIR, encoder_batch: int | None = ENCODER_BATCH):
+                 cache_dir: Path | None = DEFAULT_CACHE_DIR, encoder_batch: int | None = ENCODER_BATCH,
+                 seed_cache_dir: Path | None = None):
         import openvino as ov
 
         super().__init__()
+        model_dir = Path(model_dir)
         core = ov.Core()
         if cache_dir:
             try:
                 Path(cache_dir).mkdir(parents=True, exist_ok=True)
+                seed_cache(Path(cache_dir), seed_cache_dir)
                 core.set_property({"CACHE_DIR": str(cache_dir)})
             except OSError:
-                pass  # a read-only home must not stop inference: compile without the cache
+                cache_dir = None  # a read-only location must not stop inference: compile without the cache
         config: dict = {}
         if precision != "auto":  # this CPU runs f32 IRs in bf16 unless told otherwise
             config["INFERENCE_PRECISION_HINT"] = precision
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        encoder = core.read_model(str(Path(model_dir) / "encoder.xml"))
-        if encoder_batch:  # a static input shape runs faster than the IR's dynamic batch (tools/bench_batch.py)
+        encoder = str(model_dir / "encoder.xml")
+        if encoder_batch and static_encoder_batch(model_dir) != encoder_batch:
+            # a static input shape runs faster than a dynamic batch (tools/bench_batch.py)
+            encoder = core.read_model(encoder)
             encoder.reshape({encoder.inputs[0]: [encoder_batch, *encoder.inputs[0].get_partial_shape()[1:]]})
-        self.encoder = core.compile_model(encoder, "CPU", config)
-        self.decoder = core.compile_model(str(Path(model_dir) / "decoder.xml"), "CPU", config)
+        # from the file path when the IR already has the shape: a cache hit then skips reading the graph
+        self.encoder = _compile(core, encoder, config, cache_dir)
+        self.decoder = _compile(core, str(model_dir / "decoder.xml"), config, cache_dir)
+        self.from_cache = all(bool(m.get_property("LOADED_FROM_CACHE")) for m in (self.encoder, self.decoder))
         hint = self.encoder.get_property("INFERENCE_PRECISION_HINT")  # what OpenVINO actually uses
         self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
         self._image = _port(self.encoder.inputs, "image", 0)
@@ -202,6 +244,28 @@ class OnnxRuntimeModel(Model):
         return self.decoder.run([self._logits], {self._embedding_in: image_embedding, self._boxes: boxes_256})[0]
 
 
+def static_encoder_batch(model_dir: Path) -> int | None:
+    """The batch the encoder IR was exported with, if static (meta.json); None if dynamic or unknown."""
+    try:
+        import json
+        shape = json.loads((Path(model_dir) / "meta.json").read_text())["graphs"]["encoder"]["inputs"]["image"]
+        return shape[0] if isinstance(shape[0], int) else None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def _compile(core, model, config: dict, cache_dir):
+    """core.compile_model, and once more without the cache if a cached blob cannot be used (OpenVINO
+    recompiles a truncated or foreign blob by itself; this guards against anything it does not)."""
+    try:
+        return core.compile_model(model, "CPU", config)
+    except RuntimeError:
+        if not cache_dir:
+            raise
+        core.set_property({"CACHE_DIR": ""})
+        return core.compile_model(model, "CPU", config)
+
+
 def _port(ports, name: str, index: int):
     """The port called `name`, else the one at `index` (exported graphs may lose their names)."""
     for port in ports:
@@ -215,7 +279,8 @@ def _pick(names: list[str], name: str, index: int) -> str:
 
 
 def load_model(model_dir: Path, backend: str = "openvino", precision: str = "auto",
-               threads: int | None = None, cache_dir: Path | None = DEFAULT_CACHE_DIR) -> Model:
+               threads: int | None = None, cache_dir: Path | None = DEFAULT_CACHE_DIR,
+               seed_cache_dir: Path | None = None) -> Model:
     """The model of `model_dir` for `backend`; raises FileNotFoundError with a one-line how-to-fix."""
     model_dir = Path(model_dir)
     needed = ("encoder.xml", "decoder.xml") if backend == "openvino" else ("encoder.onnx", "decoder.onnx")
@@ -225,7 +290,7 @@ def load_model(model_dir: Path, backend: str = "openvino", precision: str = "aut
         how = "python export.py " + ("--out MODEL_DIR" if backend == "openvino" else "--no-ir --out MODEL_DIR")
         raise FileNotFoundError(f"model dir {model_dir} {what}: make one with `{how}` (or pass -m MODEL_DIR)")
     if backend == "openvino":
-        return OpenVINOModel(model_dir, precision, threads, cache_dir)
+        return OpenVINOModel(model_dir, precision, threads, cache_dir, seed_cache_dir=seed_cache_dir)
     return OnnxRuntimeModel(model_dir, threads)
 
 
@@ -471,6 +536,7 @@ class _Volume:
         self.labels = rows + 1
         self.kept: dict[int, np.ndarray] = {}
         self.keep_limit = int(EMBED_CACHE_MB * 2**20 // (256 * 64 * 64 * 4))
+        self.recent: OrderedDict[int, np.ndarray] = OrderedDict()  # adaptive: the last embeddings, LRU
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -487,6 +553,18 @@ class _Volume:
         if z in self.kept:
             return self.kept.pop(z)
         return _embed(self.model, self.case.imgs[z], self.pipe, self.case.modality)
+
+    def embed_recent(self, z: int) -> np.ndarray:
+        """Slice z's embedding through a small LRU: adaptive sampling visits slices in no fixed order,
+        and another box may need the same slice later."""
+        if z in self.recent:
+            self.recent.move_to_end(z)
+            return self.recent[z]
+        emb = self.embed(z)
+        self.recent[z] = emb
+        if len(self.recent) > ADAPTIVE_CACHE_SLICES:
+            self.recent.popitem(last=False)
+        return emb
 
     def keep(self, z: int, embedding: np.ndarray) -> None:
         if len(self.kept) < self.keep_limit:
@@ -510,12 +588,23 @@ def segment_3d(model: Model, case: Case, pipe: Pipeline, block: int = DEFAULT_BL
                than pipe.min_area_ratio × the previous slice's.
     Start slice (pipe.start_slice): "middle" of the z-range (the baseline's), or "largest": the slice
     where the box's x/y gives the largest mask (one box-mode pass over the z-range first).
+
+    pipe.z_sampling "adaptive" runs the model on fewer slices: in box mode on every box's first and last
+    slice and a grid z_max_gap + 1 apart, in propagate/hybrid mode from the start slice in steps of up to
+    z_max_gap + 1; wherever two neighbouring computed slices disagree (mask IoU below z_agree_iou, or one
+    empty and one not) the slice between them is computed too, recursively, down to adjacent slices; the
+    slices between two that agree are filled by interpolating the masks' signed distances. What it cannot
+    see: a change that starts and ends strictly between two computed slices that agree with each other
+    (at most z_max_gap slices long), e.g. a gap in an object, or a separate blob, of ≤ z_max_gap slices.
     """
     vol = _Volume(model, case, pipe, block)
     if len(vol) == 0:
         return vol.segs
+    if pipe.z_sampling not in Z_SAMPLINGS:
+        raise ValueError(f"unknown z-sampling {pipe.z_sampling!r} (expected one of {Z_SAMPLINGS})")
+    adaptive = pipe.z_sampling == "adaptive"
     if pipe.prompt_3d == "box":
-        _box_every_slice(vol)
+        (_box_adaptive if adaptive else _box_every_slice)(vol)
         return vol.segs
     if pipe.prompt_3d not in ("propagate", "hybrid"):
         raise ValueError(f"unknown 3D prompt mode {pipe.prompt_3d!r}")
@@ -524,7 +613,7 @@ def segment_3d(model: Model, case: Case, pipe: Pipeline, block: int = DEFAULT_BL
     start = (vol.z0 + vol.z1) // 2  # the baseline's int((z1 - z0) / 2 + z0)
     if pipe.start_slice == "largest":
         start = _largest_mask_slice(vol, start)
-    _propagate(vol, start, hybrid=pipe.prompt_3d == "hybrid")
+    (_propagate_adaptive if adaptive else _propagate)(vol, start, hybrid=pipe.prompt_3d == "hybrid")
     return vol.segs
 
 
@@ -535,6 +624,113 @@ def _box_every_slice(vol: _Volume) -> None:
             continue
         for k, mask in vol.masks(vol.embed(z), vol.xy[active]):
             vol.write(z, active[k], mask)
+
+
+def masks_agree(a: np.ndarray, b: np.ndarray, min_iou: float) -> bool:
+    """Two bool masks tell the same story: IoU ≥ min_iou; two empty masks agree, one empty one does not."""
+    union = np.count_nonzero(a | b)
+    return union == 0 or np.count_nonzero(a & b) >= min_iou * union
+
+
+def _signed_distance(mask: np.ndarray) -> np.ndarray:
+    """Euclidean distance to the boundary, positive inside the mask, negative outside (float32)."""
+    m = mask.astype(np.uint8)
+    return (cv2.distanceTransform(m, cv2.DIST_L2, 5) - cv2.distanceTransform(1 - m, cv2.DIST_L2, 5))
+
+
+def interpolate_masks(a: np.ndarray, b: np.ndarray, n: int):
+    """Yield the n masks evenly between bool masks a and b (shape-based interpolation: a blend of their
+    signed distances, thresholded at 0), computed on the two masks' joint bounding box only."""
+    union = a | b
+    if not union.any():
+        for _ in range(n):
+            yield np.zeros_like(a)
+        return
+    ys, xs = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
+    pad = 2  # the distance field needs background around the masks
+    y0, y1 = max(0, ys[0] - pad), min(a.shape[0], ys[-1] + 1 + pad)
+    x0, x1 = max(0, xs[0] - pad), min(a.shape[1], xs[-1] + 1 + pad)
+    da, db = _signed_distance(a[y0:y1, x0:x1]), _signed_distance(b[y0:y1, x0:x1])
+    for k in range(1, n + 1):
+        t = np.float32(k / (n + 1))
+        out = np.zeros_like(a)
+        out[y0:y1, x0:x1] = (1 - t) * da + t * db > 0
+        yield out
+
+
+def _fill(vol: _Volume, row: int, za: int, ma: np.ndarray, zb: int, mb: np.ndarray) -> None:
+    """Write the interpolated masks of the slices strictly between za and zb."""
+    step = 1 if zb > za else -1
+    for z, mask in zip(range(za + step, zb, step), interpolate_masks(ma, mb, abs(zb - za) - 1)):
+        vol.write(z, row, mask)
+
+
+def _box_adaptive(vol: _Volume) -> None:
+    """Box mode on a coarse z-grid, refined where neighbours disagree (see segment_3d). Each round
+    encodes every slice it needs once and decodes all the boxes that need it in one call."""
+    pipe, step = vol.pipe, int(vol.pipe.z_max_gap) + 1
+    masks: list[dict[int, np.ndarray]] = [{} for _ in range(len(vol))]
+    need: dict[int, set[int]] = {}
+    pending: dict[int, list[tuple[int, int]]] = {}
+    for i in range(len(vol)):
+        grid = sorted(set(range(int(vol.z0[i]), int(vol.z1[i]) + 1, step)) | {int(vol.z1[i])})
+        for z in grid:
+            need.setdefault(z, set()).add(i)
+        pending[i] = list(zip(grid, grid[1:]))
+    while need:
+        for z in sorted(need):
+            rows = sorted(need[z])
+            for k, mask in vol.masks(vol.embed_recent(z), vol.xy[rows]):
+                masks[rows[k]][z] = mask
+                vol.write(z, rows[k], mask)
+        need, refine = {}, {}
+        for i, intervals in pending.items():
+            for a, b in intervals:
+                if b - a <= 1:
+                    continue
+                if masks_agree(masks[i][a], masks[i][b], pipe.z_agree_iou):
+                    _fill(vol, i, a, masks[i][a], b, masks[i][b])
+                    continue
+                mid = (a + b) // 2
+                need.setdefault(mid, set()).add(i)
+                refine.setdefault(i, []).extend([(a, mid), (mid, b)])
+        pending = refine
+
+
+def _propagate_adaptive(vol: _Volume, start: np.ndarray, hybrid: bool) -> None:
+    """Propagate/hybrid in strides of up to z_max_gap + 1 slices, each box on its own (slice embeddings
+    shared through the LRU): a stride whose end mask disagrees with its start is halved until they agree
+    or are adjacent; the slices skipped over are interpolated."""
+    pipe, stride = vol.pipe, int(vol.pipe.z_max_gap) + 1
+    margin, ratio = float(pipe.margin_px or 0.0), pipe.min_area_ratio
+
+    def decode(z: int, box: np.ndarray) -> np.ndarray:
+        return next(iter(vol.masks(vol.embed_recent(z), box[None])))[1]
+
+    for i in range(len(vol)):
+        s = int(start[i])
+        first = decode(s, vol.xy[i])
+        vol.write(s, i, first)
+        for direction, last in ((+1, int(vol.z1[i])), (-1, int(vol.z0[i]))):
+            za, ma = s, first
+            while za != last:
+                bbox = _bbox(ma)
+                prompt = vol.xy[i] if bbox is None else _grow(bbox, margin, vol.hw)
+                if bbox is None and not hybrid:
+                    break  # propagation ends where the object vanishes
+                span = min(stride, abs(last - za))
+                while True:
+                    zb = za + direction * span
+                    mb = decode(zb, prompt)
+                    if hybrid and not np.array_equal(prompt, vol.xy[i]) and (
+                            not mb.any() or mb.sum() < ratio * ma.sum()):
+                        mb = decode(zb, vol.xy[i])
+                    if span == 1 or masks_agree(ma, mb, pipe.z_agree_iou):
+                        break
+                    span //= 2
+                _fill(vol, i, za, ma, zb, mb)
+                vol.write(zb, i, mb)
+                za, ma = zb, mb
 
 
 def _largest_mask_slice(vol: _Volume, middle: np.ndarray) -> np.ndarray:
@@ -661,9 +857,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Segment every challenge .npz case of INPUT_DIR into OUTPUT_DIR "
                                 "(segs label maps). Exit code 0: all done, 1: some case failed, 2: could not run.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--input", required=True, type=Path, metavar="INPUT_DIR",
+    p.add_argument("-i", "--input", type=Path, metavar="INPUT_DIR",
                    help="folder of input .npz cases (imgs, boxes)")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTPUT_DIR",
+    p.add_argument("-o", "--output", type=Path, metavar="OUTPUT_DIR",
                    help="folder for the output .npz (segs), created if missing")
     p.add_argument("-m", "--model", type=Path, default=DEFAULT_MODEL_DIR, metavar="MODEL_DIR",
                    help="model dir with encoder/decoder .xml/.bin (or .onnx for --backend onnxruntime)")
@@ -677,7 +873,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--3d-prompt", dest="prompt_3d", choices=PROMPT_3D_MODES, default=None,
                    help=f"how 3D boxes prompt each slice; default per modality {PROMPT_3D_BY_MODALITY}, "
                         f"else {PROMPT_3D_FALLBACK}")
-    p.add_argument("--image-interp", choices=("area", "linear", "cubic"), default=None,
+    p.add_argument("--image-interp", choices=INTERP_CHOICES, default=None,
                    help="image resize to 256; default per modality from data.PREPROCESS_BY_MODALITY, else "
                         f"{data.PREPROCESS_FALLBACK['interp']}")
     p.add_argument("--norm-order", choices=("norm-then-pad", "pad-then-norm"), default=None,
@@ -697,6 +893,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hybrid-ratio", type=float, default=None, metavar="R",
                    help="hybrid: fall back to the 3D box when the mask area drops below R × the previous slice's; "
                         f"default {PIPELINE_FALLBACK['min_area_ratio']}")
+    p.add_argument("--z-sampling", choices=Z_SAMPLINGS, default=None,
+                   help="3D: run the model on every slice, or adaptively (coarse grid refined where masks "
+                        "change, the rest interpolated); default per modality, else "
+                        f"{PIPELINE_FALLBACK['z_sampling']}")
+    p.add_argument("--z-agree-iou", type=float, default=None, metavar="IOU",
+                   help=f"adaptive: neighbouring masks agree at this IoU; default {PIPELINE_FALLBACK['z_agree_iou']}")
+    p.add_argument("--z-max-gap", type=int, default=None, metavar="N",
+                   help="adaptive: fill at most N slices between computed ones; "
+                        f"default {PIPELINE_FALLBACK['z_max_gap']}")
     p.add_argument("--overlay", type=Path, default=None, metavar="DIR",
                    help="also write a PNG overlay per case into this folder")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
@@ -704,39 +909,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="no progress bar or info lines (warnings and errors still print)")
     p.add_argument("--times", type=str, default=None, metavar="CSV",
                    help="per-case seconds CSV (case,time); default <OUTPUT_DIR>_times.csv beside OUTPUT_DIR; '' = none")
-    p.add_argument("--cache-dir", type=str, default=str(DEFAULT_CACHE_DIR), metavar="DIR",
-                   help="OpenVINO compiled-model cache folder; '' = no cache")
+    p.add_argument("--cache-dir", type=str, default=os.environ.get("QMEDSAM_CACHE_DIR", str(DEFAULT_CACHE_DIR)),
+                   metavar="DIR", help="OpenVINO compiled-model cache folder (env QMEDSAM_CACHE_DIR); '' = no cache")
+    p.add_argument("--seed-cache", type=Path, default=None, metavar="DIR",
+                   help="compiled blobs to copy into an empty --cache-dir first (the Docker image's own cache)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="only compile the model into --cache-dir and exit (the Docker build's ready cache)")
+    p.add_argument("--timing", action="store_true",
+                   help="print where the time went: imports, model ready, and per case read / segment / save")
     p.add_argument("--gts", type=Path, default=None, metavar="DIR",
                    help="folder of ground-truth npz (gts, spacing): print DSC/NSD per case and modality after "
                         "inference")
     args = p.parse_args(argv)
+    if not args.compile_only and (args.input is None or args.output is None):
+        p.error("-i/--input and -o/--output are required (unless --compile-only)")
     if args.block < 1:
         p.error("-b/--block must be ≥ 1")
     args.pipe = Pipeline(image_interp=args.image_interp,
                          norm_then_pad=None if args.norm_order is None else args.norm_order == "norm-then-pad",
                          mask_interp=args.mask_interp, box_rounding=args.box_rounding, prompt_3d=args.prompt_3d,
-                         start_slice=args.start_slice, margin_px=args.margin_px, min_area_ratio=args.hybrid_ratio)
+                         start_slice=args.start_slice, margin_px=args.margin_px, min_area_ratio=args.hybrid_ratio,
+                         z_sampling=args.z_sampling, z_agree_iou=args.z_agree_iou, z_max_gap=args.z_max_gap)
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    def say(msg: str) -> None:
-        tqdm.write(msg, file=sys.stderr)
+class _Progress:
+    """A tqdm bar over several cases when not quiet (imported only then: one container per case needs none)."""
 
-    def info(msg: str) -> None:
-        if not args.quiet:
-            say(msg)
+    def __init__(self, todo: list[Path], quiet: bool) -> None:
+        self.bar = None
+        if not quiet and len(todo) > 1:
+            from tqdm import tqdm
+            self.bar = tqdm(total=len(todo), desc="infer", unit="case", file=sys.stderr, dynamic_ncols=True)
+
+    def say(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def step(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(name, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    t_main = time.perf_counter()
+    args = parse_args(argv)
+    early: list[str] = []  # messages before the progress bar exists
+    say = early.append
+    if args.compile_only:
+        try:
+            model = load_model(args.model, args.backend, args.precision, args.threads, args.cache_dir or None)
+        except Exception as e:
+            print(f"infer: error: cannot load the model from {args.model}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        print(f"infer: compiled {args.model} into {args.cache_dir or 'no cache'} "
+              f"({'already cached' if getattr(model, 'from_cache', False) else 'compiled'})", file=sys.stderr)
+        return 0
 
     in_dir, out_dir = args.input, args.output
     if not in_dir.is_dir():
-        say(f"infer: error: input dir {in_dir} not found")
+        print(f"infer: error: input dir {in_dir} not found", file=sys.stderr)
         return 2
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()  # probe: fail once, here, not once per case
     except OSError as e:
-        say(f"infer: error: cannot write to output dir {out_dir}: {e.strerror or e}")
+        print(f"infer: error: cannot write to output dir {out_dir}: {e.strerror or e}", file=sys.stderr)
         return 2
     times_path = Path(args.times) if args.times else None
     if args.times is None:
@@ -748,29 +993,29 @@ def main(argv: list[str] | None = None) -> int:
     entries = sorted(in_dir.iterdir())
     cases = [p for p in entries if p.name.endswith(".npz")]
     for p in entries:
-        if not p.name.endswith(".npz") and not p.name.startswith("."):
-            info(f"infer: {p.name}: ignored ({'a directory' if p.is_dir() else 'not an .npz file'})")
+        if not p.name.endswith(".npz") and not p.name.startswith(".") and not args.quiet:
+            say(f"infer: {p.name}: ignored ({'a directory' if p.is_dir() else 'not an .npz file'})")
     todo = [p for p in cases if args.overwrite or not (out_dir / p.name).exists()]
     done_before = len(cases) - len(todo)
 
-    model = None
-    if todo:
-        try:
-            model = load_model(args.model, args.backend, args.precision, args.threads, args.cache_dir or None)
-        except FileNotFoundError as e:
-            say(f"infer: error: {e}")
-            return 2
-        except Exception as e:  # a corrupt IR, an unsupported op: one line, not a traceback
-            say(f"infer: error: cannot load the model from {args.model}: {type(e).__name__}: {e}")
-            return 2
-        info(f"infer: {args.backend} model {args.model}, inference precision {model.precision}"
-             f"{' (auto)' if args.precision == 'auto' and args.backend == 'openvino' else ''}, block {args.block}")
+    # the model compiles in the background while the first case is read (OpenVINO releases the GIL)
+    pool = ThreadPoolExecutor(max_workers=1)
+    pending = pool.submit(load_model, args.model, args.backend, args.precision, args.threads,
+                          args.cache_dir or None, args.seed_cache) if todo else None
+    progress = _Progress(todo, args.quiet)
+    for msg in early:
+        progress.say(msg)
+    say = progress.say
 
+    def info(msg: str) -> None:
+        if not args.quiet:
+            say(msg)
+
+    model, t_ready = None, None
     times = read_times(times_path)
-    n_ok, failed = 0, []
-    bar = tqdm(todo, desc="infer", unit="case", file=sys.stderr, disable=args.quiet or not todo, dynamic_ncols=True)
-    for path in bar:
-        bar.set_postfix_str(path.name, refresh=False)
+    n_ok, failed, steps = 0, [], []
+    for path in todo:
+        progress.step(path.name)
         t0 = time.perf_counter()
         try:
             if path.is_dir():
@@ -778,9 +1023,27 @@ def main(argv: list[str] | None = None) -> int:
             case = load_case(path)
             if case.notes:
                 say(f"infer: {path.name}: warning: " + "; ".join(case.notes))
+            t_loaded = time.perf_counter()
+            if model is None:
+                try:
+                    model = pending.result()
+                except FileNotFoundError as e:
+                    say(f"infer: error: {e}")
+                    return 2
+                except Exception as e:  # a corrupt IR, an unsupported op: one line, not a traceback
+                    say(f"infer: error: cannot load the model from {args.model}: {type(e).__name__}: {e}")
+                    return 2
+                t_ready = time.perf_counter()
+                cached = getattr(model, "from_cache", None)
+                info(f"infer: {args.backend} model {args.model}, inference precision {model.precision}"
+                     f"{' (auto)' if args.precision == 'auto' and args.backend == 'openvino' else ''}, block "
+                     f"{args.block}{'' if cached is None else ', compiled from cache' if cached else ', compiled'}")
+                t_loaded = time.perf_counter()
             segs = segment_case(model, case, args.block, pipe=args.pipe)
+            t_segmented = time.perf_counter()
             data.save_npz_atomic(out_dir / path.name, segs=segs)
             times[path.name] = time.perf_counter() - t0
+            steps.append((path.name, t_loaded - t0, t_segmented - t_loaded, time.perf_counter() - t_segmented))
         except CaseError as e:
             say(f"infer: {path.name}: error: {e}: skipped")
             failed.append(path.name)
@@ -805,7 +1068,14 @@ def main(argv: list[str] | None = None) -> int:
                 write_overlay(args.overlay / f"{path.stem}.png", case, segs)
             except Exception as e:  # a picture must not fail a case that is already saved
                 say(f"infer: {path.name}: warning: no overlay ({type(e).__name__}: {e})")
-    bar.close()
+    progress.close()
+    if model is None and pending is not None:
+        try:  # every case failed before the model was needed: still report a model that cannot load
+            model = pending.result()
+        except Exception as e:
+            say(f"infer: error: cannot load the model from {args.model}: {type(e).__name__}: {e}")
+            return 2
+    pool.shutdown(wait=False)
 
     summary = (f"infer: {len(cases)} cases: {n_ok} segmented, {done_before} already done"
                f"{' (--overwrite redoes them)' if done_before else ''}, {len(failed)} failed")
@@ -815,6 +1085,12 @@ def main(argv: list[str] | None = None) -> int:
         info(summary)
     if model is not None:
         info(f"infer: encoder calls {model.encoder_calls}, decoder calls {model.decoder_calls}")
+    if args.timing:
+        ready = (t_ready - t_main) if t_ready else float("nan")
+        say(f"infer: timing: imports {t_main - _T_START:.3f} s, model ready {ready:.3f} s after them, "
+            f"total {time.perf_counter() - _T_START:.3f} s")
+        for name, load_s, seg_s, save_s in steps:
+            say(f"infer: timing: {name}: read {load_s:.3f} s, segment {seg_s:.3f} s, save {save_s:.3f} s")
 
     if args.gts:
         try:

@@ -515,3 +515,136 @@ def test_static_encoder_batch_gives_the_same_embedding(oracle_dir, encoder_batch
     if encoder_batch == 1:
         with pytest.raises(RuntimeError):
             net.encode(np.zeros((2, 3, 256, 256), np.float32))
+
+
+# ---- the compiled-model cache (one container per case keeps only the output folder) --------------------
+def test_cache_survives_a_half_written_blob_and_seeds_an_empty_cache(oracle_dir, tmp_path):
+    cache, seed = tmp_path / "outputs" / ".qmedsam_cache", tmp_path / "image_cache"
+    first = infer.OpenVINOModel(oracle_dir, precision="f32", cache_dir=seed)
+    assert not first.from_cache and len(list(seed.glob("*.blob"))) == 2
+    seeded = infer.OpenVINOModel(oracle_dir, precision="f32", cache_dir=cache, seed_cache_dir=seed)
+    assert seeded.from_cache  # the image's ready cache, copied into the empty run cache, is used
+    assert sorted(p.name for p in cache.iterdir()) == sorted(p.name for p in seed.iterdir())
+    for blob in cache.glob("*.blob"):  # a container killed while writing leaves truncated blobs
+        blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 3])
+    again = infer.OpenVINOModel(oracle_dir, precision="f32", cache_dir=cache, seed_cache_dir=seed)
+    assert not again.from_cache  # recompiled, not crashed, and the seed does not overwrite a used cache
+    image = np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32)
+    np.testing.assert_array_equal(again.encode(image), first.encode(image))
+    assert infer.OpenVINOModel(oracle_dir, precision="f32", cache_dir=cache).from_cache  # rewritten whole
+
+
+def test_cli_cache_in_a_hidden_output_subfolder_and_compile_only(oracle_dir, tmp_path, capsys):
+    imgs, boxes = synthetic_2d(seed=5)
+    save(tmp_path / "in" / "2DBox_Endoscopy_a.npz", imgs=imgs, boxes=boxes)
+    out, cache = tmp_path / "out", tmp_path / "out" / ".qmedsam_cache"
+    argv = ["-i", tmp_path / "in", "-o", out, "-m", oracle_dir, "--precision", "f32", "--cache-dir", cache,
+            "--timing"]
+    assert infer.main([*map(str, argv)]) == 0
+    err = capsys.readouterr().err
+    assert ", compiled" in err and "compiled from cache" not in err and "timing: imports" in err
+    assert sorted(p.name for p in out.glob("*.npz")) == ["2DBox_Endoscopy_a.npz"]  # the cache is not a result
+    assert infer.main([*map(str, argv), "--overwrite"]) == 0
+    assert "compiled from cache" in capsys.readouterr().err
+    assert infer.main(["--compile-only", "-m", str(oracle_dir), "--cache-dir", str(tmp_path / "c")]) == 0
+    assert len(list((tmp_path / "c").glob("*.blob"))) == 2
+    with pytest.raises(SystemExit):
+        infer.main(["-o", str(out)])  # -i is needed for a real run
+
+
+# ---- adaptive z-sampling ---------------------------------------------------------------------------------
+def _volume_with(discs: list[tuple[int, float, float, float]], depth: int, hw=(96, 96)) -> np.ndarray:
+    """A dark volume with bright discs (z, cy, cx, r): what the oracle segments inside a box."""
+    vol = np.zeros((depth, *hw), np.uint8)
+    yy, xx = np.mgrid[: hw[0], : hw[1]]
+    for z, cy, cx, r in discs:
+        vol[z][(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 255
+    return vol
+
+
+def _encoded_slices(monkeypatch) -> list[int]:
+    """Record the z of every encoder call segment_3d makes."""
+    seen: list[int] = []
+    real = infer._Volume.embed
+
+    def embed(self, z):
+        seen.append(int(z))
+        return real(self, z)
+    monkeypatch.setattr(infer._Volume, "embed", embed)
+    return seen
+
+
+ADAPTIVE = infer.Pipeline(z_sampling="adaptive", z_agree_iou=0.9, z_max_gap=4, margin_px=2.0, start_slice="middle")
+
+
+@pytest.mark.parametrize("mode", ["box", "propagate", "hybrid"])
+def test_adaptive_reproduces_a_smoothly_changing_object_with_far_fewer_encoder_calls(model, monkeypatch, mode):
+    depth = 60
+    # the disc grows from radius 24 to 30 and back while its centre drifts: a shape that changes along z,
+    # slowly enough for neighbouring slices to agree
+    discs = [(z, 96 + 3 * np.sin(z / 10), 80 + z / 10, 24 + 6 * np.sin(np.pi * z / (depth - 1))) for z in range(depth)]
+    vol = _volume_with(discs, depth, (192, 192))
+    case = infer.repair_case("3DBox_CT_t.npz", vol, np.array([[5, 5, 0, 186, 186, depth - 1]]))
+    seen = _encoded_slices(monkeypatch)
+    every = infer.segment_case(model, case, pipe=replace(ADAPTIVE, prompt_3d=mode, z_sampling="every"))
+    n_every = len(seen)
+    seen.clear()
+    adaptive = infer.segment_case(model, case, pipe=replace(ADAPTIVE, prompt_3d=mode))
+    dsc = 2 * np.count_nonzero(every & adaptive) / (np.count_nonzero(every) + np.count_nonzero(adaptive))
+    print(f"{mode}: encoder calls every {n_every}, adaptive {len(seen)}; DSC vs every slice {dsc:.4f}")
+    assert dsc >= 0.99 and len(seen) <= 0.5 * n_every
+    assert len(set(seen)) == len(seen)  # no slice encoded twice
+
+
+@pytest.mark.parametrize("gap", [1, 2, 3, 4])
+def test_adaptive_finds_gaps_and_blobs_or_misses_them_only_as_stated(model, monkeypatch, gap):
+    """A gap in an object and a separate blob, each `gap` ≤ z_max_gap slices long, at every offset to the
+    coarse grid: either found (same masks as every slice) or missed only where segment_3d says it can be:
+    inside one run of ≤ z_max_gap slices strictly between two computed slices that agree."""
+    depth, step = 25, ADAPTIVE.z_max_gap + 1
+    for offset in range(1, step + 1):
+        lo = 8 + offset
+        gap_discs = [(z, 48, 48, 14) for z in range(depth) if not lo <= z < lo + gap]  # a hole in a column
+        blob_discs = [(z, 48, 48, 14) for z in (0, depth - 1)] + [(z, 40, 52, 9) for z in range(lo, lo + gap)]
+        for discs in (gap_discs, blob_discs):
+            case = infer.repair_case("3DBox_CT_t.npz", _volume_with(discs, depth),
+                                     np.array([[20, 20, 0, 80, 80, depth - 1]]))
+            every = infer.segment_case(model, case, pipe=replace(ADAPTIVE, prompt_3d="box", z_sampling="every"))
+            seen = _encoded_slices(monkeypatch)
+            adaptive = infer.segment_case(model, case, pipe=replace(ADAPTIVE, prompt_3d="box"))
+            monkeypatch.undo()
+            wrong = [z for z in range(depth) if (every[z] != adaptive[z]).sum() > 0.02 * max(1, every[z].sum())]
+            computed = sorted(set(seen))
+            assert not set(wrong) & set(computed)  # a computed slice is always the model's own answer
+            if wrong:  # one missed run, inside a single interval between two computed slices
+                assert wrong == list(range(wrong[0], wrong[-1] + 1)) and len(wrong) <= ADAPTIVE.z_max_gap
+                below = max(z for z in computed if z < wrong[0])
+                above = min(z for z in computed if z > wrong[-1])
+                assert above - below <= step
+                assert infer.masks_agree(adaptive[below] > 0, adaptive[above] > 0, ADAPTIVE.z_agree_iou)
+
+
+def test_adaptive_encodes_a_slice_once_for_all_its_boxes(model, monkeypatch):
+    depth = 30
+    discs = [(z, 30, 30, 10) for z in range(depth)] + [(z, 66, 66, 10) for z in range(5, depth)]
+    case = infer.repair_case("3DBox_CT_t.npz", _volume_with(discs, depth),
+                             np.array([[15, 15, 0, 45, 45, depth - 1], [51, 51, 5, 81, 81, depth - 1]]))
+    seen = _encoded_slices(monkeypatch)
+    segs = infer.segment_case(model, case, pipe=replace(ADAPTIVE, prompt_3d="box"))
+    assert len(seen) == len(set(seen)) < depth  # shared slices (the boxes' grids overlap) encoded once
+    assert {1, 2} <= set(np.unique(segs))
+
+
+def test_interpolated_masks_move_between_the_two_shapes():
+    """What gets filled is the space between two agreeing masks (adaptive sampling only interpolates
+    those): a disc that grows and shifts a little passes smoothly from one to the other."""
+    yy, xx = np.mgrid[:96, :96]
+    a = (yy - 40) ** 2 + (xx - 40) ** 2 <= 20 ** 2
+    b = (yy - 44) ** 2 + (xx - 46) ** 2 <= 24 ** 2
+    mids = list(infer.interpolate_masks(a, b, 3))
+    areas = [int(m.sum()) for m in mids]
+    assert len(mids) == 3 and a.sum() < areas[0] < areas[1] < areas[2] < b.sum()
+    centres = [np.argwhere(m).mean(axis=0) for m in mids]
+    assert 40 < centres[0][0] < centres[1][0] < centres[2][0] < 44
+    assert 40 < centres[0][1] < centres[1][1] < centres[2][1] < 46
+    assert not any(m.any() for m in infer.interpolate_masks(np.zeros_like(a), np.zeros_like(a), 2))
