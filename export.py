@@ -171,15 +171,24 @@ def export_onnx(graph: nn.Module, args: tuple[torch.Tensor, ...], path: Path, in
             torch.onnx.export(graph, args, str(path), do_constant_folding=True, **kwargs)
 
 
-def to_ir(onnx_path: Path, xml_path: Path) -> None:
-    """ONNX → OpenVINO IR (xml + bin), weights kept in f32 (precision is chosen at compile time).
+DEFAULT_ENCODER_BATCH = 1  # infer.py embeds one image / slice per call; a static shape runs faster
+
+
+def to_ir(onnx_path: Path, xml_path: Path, batch: int | None = None) -> None:
+    """ONNX → OpenVINO IR (xml + bin), weights kept in f32 (precision is chosen at compile time); with
+    `batch`, the first input gets that static batch (so infer.py compiles the IR from its path, and a
+    compiled-model cache hit never reads the graph).
 
     Read by the ONNX frontend as is (Core.read_model), not through ov.convert_model: convert_model's
     offline graph rewrites break OpenVINO's int8 pattern for per-channel weight scales on the layers
     that write the residual stream of stages 2–3 (measured: 16 encoder FullyConnected and 4 merge
     convolutions then run in f32/bf16; read as is, every quantized layer runs in int8)."""
     import openvino as ov
-    ov.save_model(ov.Core().read_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
+    graph = ov.Core().read_model(str(onnx_path))
+    if batch:
+        first = graph.inputs[0]
+        graph.reshape({first: [batch, *first.get_partial_shape()[1:]]})
+    ov.save_model(graph, str(xml_path), compress_to_fp16=False)
 
 
 def versions() -> dict[str, str]:
@@ -194,7 +203,7 @@ def versions() -> dict[str, str]:
 
 def export_model(net: model_lib.LiteMedSAM, out_dir: str | os.PathLike, info: dict,
                  opset: int = DEFAULT_OPSET, ir: bool = True, fold_clips: bool = True,
-                 split_qkv: bool = True) -> Path:
+                 split_qkv: bool = True, encoder_batch: int | None = DEFAULT_ENCODER_BATCH) -> Path:
     """Write encoder/decoder ONNX (+ IR) and meta.json into `out_dir`, atomically per file.
     fold_clips / split_qkv: the fold_weight_clips / split_fused_qkv post-passes on QCDQ graphs."""
     out_dir = Path(out_dir)
@@ -230,7 +239,8 @@ def export_model(net: model_lib.LiteMedSAM, out_dir: str | os.PathLike, info: di
             onnx_passes.check_onnx(onnx_path)
             if ir:
                 say(f"{name}: converting to OpenVINO IR")
-                to_ir(onnx_path, tmp / f"{name}.xml")
+                to_ir(onnx_path, tmp / f"{name}.xml", encoder_batch if name == "encoder" else None)
+        ir_batch = encoder_batch if ir and encoder_batch else "batch"  # the ONNX keeps a dynamic batch
         meta = dict(info)
         meta["quantizers"] = count_quantizers(net)
         meta.update({
@@ -239,8 +249,8 @@ def export_model(net: model_lib.LiteMedSAM, out_dir: str | os.PathLike, info: di
                                                   "decoder": "QCDQ" if meta["quantized"]["decoder"] else "fp32"},
             "exported_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),
-            "graphs": {"encoder": {"inputs": {"image": ["batch", 3, 256, 256]},
-                                   "outputs": {"image_embedding": ["batch", 256, 64, 64]}},
+            "graphs": {"encoder": {"inputs": {"image": [ir_batch, 3, 256, 256]},
+                                   "outputs": {"image_embedding": [ir_batch, 256, 64, 64]}},
                        "decoder": {"inputs": {"image_embedding": [1, 256, 64, 64], "boxes": ["num_boxes", 4]},
                                    "outputs": {"low_res_logits": ["num_boxes", 1, 256, 256]}}},
         })
@@ -284,6 +294,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-fused-qkv", action="store_true",
                    help="skip the post-pass splitting the encoder's fused qkv projections into q, k, v "
                         "(OpenVINO then runs their quantizers standalone: ~17%% slower encoder)")
+    p.add_argument("--encoder-batch", type=int, default=DEFAULT_ENCODER_BATCH,
+                   help="static batch of the encoder IR (what infer.py runs); 0 = dynamic")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     return p.parse_args(argv)
 
@@ -327,8 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             net, info = load_checkpoint(str(checkpoint))
             if args.fp32 and (info["quantized"]["encoder"] or info["quantized"]["decoder"]):
                 raise ValueError(f"{checkpoint}: --fp32 given but the checkpoint is quantized")
-        out = export_model(net, out, info, opset=args.opset, ir=not args.no_ir,
-                           fold_clips=not args.keep_clips, split_qkv=not args.keep_fused_qkv)
+        out = export_model(net, out, info, opset=args.opset, ir=not args.no_ir, fold_clips=not args.keep_clips,
+                           split_qkv=not args.keep_fused_qkv, encoder_batch=args.encoder_batch or None)
     except (FileNotFoundError, ValueError) as e:
         say(f"error: {e}")
         return 1

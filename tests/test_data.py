@@ -7,6 +7,7 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -451,3 +452,21 @@ def test_check_half_is_read_from_the_split_file(tmp_path):
     assert [data.half_of(f) for f in files] == ["tune", "check", None]
     assert data.half_of(tmp_path / "gts" / "2DBox_US_b.npz") == "check"
     assert data.without_check_half(files) == [files[0], files[2]]
+
+
+def test_interpolation_scale_rule_picks_down_or_up_filter():
+    big, small = np.random.default_rng(0).random((600, 900)).astype(np.float32), np.zeros((30, 40), np.float32)
+    small[10:20, 10:30] = 1.0
+    assert data.interpolation("area/cubic", (600, 900), (171, 256)) == cv2.INTER_AREA
+    assert data.interpolation("area/cubic", (30, 40), (192, 256)) == cv2.INTER_CUBIC
+    assert data.interpolation("linear", (30, 40), (192, 256)) == cv2.INTER_LINEAR
+    with pytest.raises(ValueError, match="unknown interpolation"):
+        data.interpolation("bilinear", (30, 40), (192, 256))
+    # preprocess_image follows the rule: downsampling like "area", upsampling like "cubic"
+    for img, twin in ((big, "area"), (small, "cubic")):
+        np.testing.assert_array_equal(data.preprocess_image(img, interp="area/cubic"),
+                                      data.preprocess_image(img, interp=twin))
+    # area "upsampling" replicates pixels: the cubic rule gives a smooth edge instead
+    up_area = data.preprocess_image(small, interp="area")[0, :192, :256]
+    up_rule = data.preprocess_image(small, interp="area/cubic")[0, :192, :256]
+    assert len(np.unique(up_area)) == 2 and len(np.unique(up_rule)) > 10

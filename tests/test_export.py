@@ -102,7 +102,8 @@ def test_cli_quantize_calibrated_rejects_fp32(tmp_path, capsys):
 def fp32(tmp_path_factory):
     """(torch model, exported model dir, backends) of the published fp32 LiteMedSAM, via the CLI."""
     out = tmp_path_factory.mktemp("fp32") / "model"
-    assert export.main(["--checkpoint", "published", "--fp32", "--out", str(out)]) == 0
+    # dynamic encoder batch: the dynamic-shape test below feeds it 2 images
+    assert export.main(["--checkpoint", "published", "--fp32", "--out", str(out), "--encoder-batch", "0"]) == 0
     net, _ = export.load_checkpoint("published")
     return net, out, Backends(out)
 
@@ -400,3 +401,18 @@ def test_bare_export_takes_the_latest_run_else_calibrates_and_never_writes_model
     monkeypatch.setattr(export, "latest_checkpoint", lambda: None)
     assert export.main([]) == 0
     assert list(calls) == ["ptq"] and "quantized to int8 by calibration" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_export_gives_a_static_batch_1_encoder_ir_and_keeps_the_onnx_dynamic(qcdq):
+    """infer.py compiles the encoder IR from its path (a cache hit then never reads the graph), which
+    needs the static shape in the IR itself; the ONNX stays dynamic for other runtimes."""
+    import onnx
+    import openvino as ov
+    meta = json.loads((qcdq["dir"] / "meta.json").read_text())
+    assert meta["graphs"]["encoder"]["inputs"]["image"] == [1, 3, 256, 256]
+    assert infer.static_encoder_batch(qcdq["dir"]) == 1
+    ir = ov.Core().read_model(str(qcdq["dir"] / "encoder.xml"))
+    assert ir.inputs[0].get_partial_shape().is_static and list(ir.inputs[0].get_shape()) == [1, 3, 256, 256]
+    dims = onnx.load(str(qcdq["dir"] / "encoder.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch"

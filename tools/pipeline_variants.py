@@ -47,9 +47,13 @@ VARIANTS: dict[str, dict[str, object]] = {
     "img-area": {"image_interp": "area"},
     "img-linear": {"image_interp": "linear"},
     "img-cubic": {"image_interp": "cubic"},
+    "img-area/linear": {"image_interp": "area/linear"},
+    "img-area/cubic": {"image_interp": "area/cubic"},
     "mask-linear": {"mask_interp": "linear"},
     "mask-cubic": {"mask_interp": "cubic"},
     "mask-nearest": {"mask_interp": "nearest"},
+    "mask-area/linear": {"mask_interp": "area/linear"},
+    "mask-area/cubic": {"mask_interp": "area/cubic"},
     "box-float": {"box_rounding": "float"},
     "box-round": {"box_rounding": "round"},
     "box-outward": {"box_rounding": "outward"},
@@ -64,10 +68,18 @@ VARIANTS: dict[str, dict[str, object]] = {
     "ratio0.25": {"min_area_ratio": 0.25},
     "ratio0.5": {"min_area_ratio": 0.5},
     "ratio0.75": {"min_area_ratio": 0.75},
+    "z-every": {"z_sampling": "every"},
+    "z-adaptive": {"z_sampling": "adaptive"},
+    "agree0.75": {"z_agree_iou": 0.75},
+    "agree0.85": {"z_agree_iou": 0.85},
+    "agree0.9": {"z_agree_iou": 0.9},
+    "gap2": {"z_max_gap": 2},
+    "gap4": {"z_max_gap": 4},
+    "gap8": {"z_max_gap": 8},
 }
-THREE_D_FIELDS = ("prompt_3d", "start_slice", "margin_px", "min_area_ratio")
+THREE_D_FIELDS = ("prompt_3d", "start_slice", "margin_px", "min_area_ratio", "z_sampling", "z_agree_iou", "z_max_gap")
 _FIELD_TYPES = {"norm_then_pad": lambda v: v.lower() in ("1", "true", "yes"), "margin_px": float,
-                "min_area_ratio": float}
+                "min_area_ratio": float, "z_agree_iou": float, "z_max_gap": int}
 
 
 def parse_variant(spec: str) -> infer.Pipeline:
@@ -97,6 +109,8 @@ def effective_key(case: infer.Case, pipe: infer.Pipeline) -> tuple:
         values.update(start_slice=None, margin_px=None, min_area_ratio=None)
     elif resolved.prompt_3d == "propagate":
         values.update(min_area_ratio=None)
+    if case.is_3d and resolved.z_sampling == "every":
+        values.update(z_agree_iou=None, z_max_gap=None)
     return tuple(sorted(values.items()))
 
 
@@ -245,13 +259,32 @@ def read_rows(path: Path) -> list[dict]:
                      seconds=float(r["seconds"])) for r in csv.DictReader(f)]
 
 
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this lopsided if wins and losses were
+    equally likely (ties left out)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(0, min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def bootstrap_ci(deltas: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the mean of paired differences."""
+    rng = np.random.default_rng(seed)
+    d = np.asarray(deltas, float)
+    means = d[rng.integers(0, len(d), (n, len(d)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
 def compare(rows: list[dict], baseline: str) -> str:
     """Markdown table: per modality and variant, mean ΔDSC / ΔNSD against `baseline` over the cases both
-    ran, and per-case DSC wins / ties (|Δ| < 0.001) / losses: how consistent a gain is, not just its size."""
+    ran, per-case DSC wins / ties (|Δ| < 0.001) / losses, the sign test's p and a bootstrap 95 % interval of
+    ΔDSC: how consistent a gain is, not just its size."""
     base = {r["case"]: r for r in rows if r["variant"] == baseline}
     variants = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] != baseline))
-    lines = [f"| modality | variant | n | ΔDSC vs {baseline} | ΔNSD | wins / ties / losses |",
-             "|---|---|---:|---:|---:|---|"]
+    lines = [f"| modality | variant | n | ΔDSC vs {baseline} | ΔNSD | wins / ties / losses | sign p | ΔDSC 95 % CI |",
+             "|---|---|---:|---:|---:|---|---:|---|"]
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r["variant"] != baseline and r["case"] in base:
@@ -266,8 +299,10 @@ def compare(rows: list[dict], baseline: str) -> str:
             d_dsc = [r["dsc"] - base[r["case"]]["dsc"] for r in sel]
             d_nsd = [r["nsd"] - base[r["case"]]["nsd"] for r in sel]
             wins, losses = sum(d > 1e-3 for d in d_dsc), sum(d < -1e-3 for d in d_dsc)
+            lo, hi = bootstrap_ci(d_dsc)
             lines.append(f"| {m} | {v} | {len(sel)} | {np.mean(d_dsc):+.4f} | {np.mean(d_nsd):+.4f} | "
-                         f"{wins} / {len(sel) - wins - losses} / {losses} |")
+                         f"{wins} / {len(sel) - wins - losses} / {losses} | {sign_test_p(wins, losses):.3f} | "
+                         f"[{lo:+.4f}, {hi:+.4f}] |")
     return "\n".join(lines)
 
 
@@ -301,6 +336,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="max boxes per decoder call")
     p.add_argument("--max-slices", type=int, default=0, metavar="N",
                    help="crop 3D volumes to N slices around their boxes; 0 = whole volume")
+    p.add_argument("--half", choices=("tune", "check", "all"), default="tune",
+                   help="dev-set half to run (split.csv beside the cases; cases outside a split always run); "
+                        "decide on tune, confirm on check")
     p.add_argument("--only", default="", metavar="SUBSTR,…",
                    help="only cases whose file name contains one of these substrings (e.g. 2DBox_,3DBox_CT)")
     p.add_argument("--out", type=Path, default=None, metavar="CSV",
@@ -347,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     only = [s for s in args.only.split(",") if s]
     paths = sorted(p for p in args.input.glob("*.npz") if (args.gts / p.name).is_file()
+                   and (args.half == "all" or data.half_of(p) in (args.half, None))
                    and (not only or any(s in p.name for s in only)))
     paths.sort(key=estimated_cost)  # cheap cases first: a run stopped early has the most cases
     if not paths:
