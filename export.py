@@ -130,11 +130,12 @@ def load_checkpoint(checkpoint: str = "published") -> tuple[model_lib.LiteMedSAM
     return net.eval(), info
 
 
-def build_ptq_model(calib_data: str | os.PathLike = DEFAULT_CALIB_DATA,
-                    k: int = DEFAULT_CALIB_IMAGES) -> tuple[model_lib.LiteMedSAM, dict]:
-    """The published LiteMedSAM, int8-quantized (model.quantize_) and calibrated on K images."""
+def build_ptq_model(calib_data: str | os.PathLike = DEFAULT_CALIB_DATA, k: int = DEFAULT_CALIB_IMAGES,
+                    float_layers: Sequence[str] = model_lib.FLOAT_LAYERS_DEFAULT) -> tuple[model_lib.LiteMedSAM, dict]:
+    """The published LiteMedSAM, int8-quantized (model.quantize_, `float_layers` kept float) and calibrated
+    on K images."""
     net, info = load_checkpoint("published")
-    model_lib.quantize_(net)
+    model_lib.quantize_(net, float_layers=float_layers)
     images, boxes_256 = model_lib.calibration_batch(calib_data, k)
     say(f"calibrating on {len(images)} images from {calib_data}")
     model_lib.calibrate(net, images, boxes_256)
@@ -286,6 +287,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="folder of npz cases for --quantize-calibrated")
     p.add_argument("--calib-images", type=int, default=DEFAULT_CALIB_IMAGES,
                    help="number of calibration images")
+    p.add_argument("--float-layers", type=lambda s: tuple(x for x in s.split(",") if x),
+                   default=model_lib.FLOAT_LAYERS_DEFAULT, metavar="PATTERN,…",
+                   help="--quantize-calibrated: fnmatch patterns of module names left in float")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     p.add_argument("--no-ir", action="store_true", help="write ONNX only, no OpenVINO IR")
     p.add_argument("--keep-clips", action="store_true",
@@ -334,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.fp32 or checkpoint not in (None, "published"):
                 raise ValueError("--quantize-calibrated starts from the published model: "
                                  "drop --fp32 / --checkpoint")
-            net, info = build_ptq_model(args.calib_data, args.calib_images)
+            net, info = build_ptq_model(args.calib_data, args.calib_images, args.float_layers)
         else:
             net, info = load_checkpoint(str(checkpoint))
             if args.fp32 and (info["quantized"]["encoder"] or info["quantized"]["decoder"]):

@@ -105,10 +105,10 @@ class Pipeline:
 
 # Defaults of the knobs after preprocessing (preprocessing defaults live in data.py, for training too),
 # chosen on the dev set (docs/pipeline_variants.md).
-PIPELINE_FALLBACK: dict[str, object] = {"mask_interp": "linear", "box_rounding": "float", "start_slice": "middle",
+PIPELINE_FALLBACK: dict[str, object] = {"mask_interp": "linear", "box_rounding": "outward", "start_slice": "middle",
                                         "margin_px": 2.0, "min_area_ratio": HYBRID_MIN_AREA_RATIO,
                                         "z_sampling": "every", "z_agree_iou": 0.85, "z_max_gap": 4}
-PIPELINE_BY_MODALITY: dict[str, dict[str, object]] = {"US": {"box_rounding": "outward"}}
+PIPELINE_BY_MODALITY: dict[str, dict[str, object]] = {}
 
 
 class CaseError(Exception):

@@ -44,12 +44,14 @@ def decode_np(image_embedding: np.ndarray, boxes_256: np.ndarray) -> np.ndarray:
     return out
 
 
-def reference_mask(img2d: np.ndarray, box: np.ndarray) -> np.ndarray:
+def reference_mask(img2d: np.ndarray, box: np.ndarray, rounding: str = "float", interp: str | None = None
+                   ) -> np.ndarray:
     """The oracle pipeline for one 2D image (H×W or H×W×3) and one box (x0, y0, x1, y1) in original
-    pixels → bool H×W, built from data.py's preprocessing and the numpy oracle (not from infer.py)."""
+    pixels → bool H×W, built from data.py's preprocessing and the numpy oracle (not from infer.py);
+    `rounding` / `interp` as data.boxes_to_256 / data.preprocess_image take them."""
     hw = img2d.shape[:2]
-    emb = encode_np(data.preprocess_image(img2d)[None])
-    logits = decode_np(emb, data.boxes_to_256(np.asarray(box, np.float32)[None], hw))
+    emb = encode_np(data.preprocess_image(img2d, interp=interp)[None])
+    logits = decode_np(emb, data.boxes_to_256(np.asarray(box, np.float32)[None], hw, rounding=rounding))
     return data.postprocess_logits(logits[0, 0], hw)
 
 

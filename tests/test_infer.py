@@ -29,12 +29,15 @@ def run(oracle_dir: Path, *argv) -> int:
     return infer.main([*map(str, argv), "-m", str(oracle_dir), "--cache-dir", "", "--precision", "f32"])
 
 
+ROUNDING = infer.PIPELINE_FALLBACK["box_rounding"]  # the references map boxes as the shipped pipeline does
+
+
 def reference_segs(img2d: np.ndarray, boxes_xy) -> np.ndarray:
     """Label map from the numpy oracle, box by box; overlap: the higher label wins. None = no box."""
     segs = np.zeros(img2d.shape[:2], np.uint8)
     for i, box in enumerate(boxes_xy):
         if box is not None:
-            mask = oracle_model.reference_mask(img2d, box)
+            mask = oracle_model.reference_mask(img2d, box, ROUNDING)
             segs[mask & (segs < i + 1)] = i + 1
     return segs
 
@@ -55,10 +58,10 @@ def reference_propagate(vol: np.ndarray, box6, mode: str, ratio: float = infer.H
         for z in zs:
             if prompt is None:
                 break
-            mask = oracle_model.reference_mask(vol[z], prompt)
+            mask = oracle_model.reference_mask(vol[z], prompt, ROUNDING)
             if mode == "hybrid" and not np.array_equal(prompt, box_xy) and (
                     not mask.any() or mask.sum() < ratio * prev_area):
-                mask = oracle_model.reference_mask(vol[z], box_xy)
+                mask = oracle_model.reference_mask(vol[z], box_xy, ROUNDING)
             out[z] = mask
             if z == mid:
                 mid_mask = mask

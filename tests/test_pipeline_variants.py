@@ -33,9 +33,12 @@ class Recorder:
 
 
 def seg3d(model, vol, box6, name="3DBox_CT_t.npz", **knobs):
-    """One 3D box; start slice "middle" and no propagation margin unless given (not the shipped tables)."""
+    """One 3D box; start slice "middle", no propagation margin, float boxes and area resizing (64 px
+    slices become 4×4-pixel blocks: the oracle is pixel-exact) unless given (not the shipped tables)."""
     knobs.setdefault("start_slice", "middle")
     knobs.setdefault("margin_px", 0.0)
+    knobs.setdefault("box_rounding", "float")
+    knobs.setdefault("image_interp", "area")
     case = infer.repair_case(name, vol, np.asarray(box6)[None])
     return infer.segment_case(model, case, pipe=infer.Pipeline(**knobs))
 
@@ -66,8 +69,9 @@ def test_training_and_inference_share_preprocess_image(tmp_path, model, monkeypa
     infer.segment_case(rec, infer.load_case(path))
     assert calls == [modality, modality]
     np.testing.assert_array_equal(rec.images[0][0], train_image)
-    area = real(case["imgs"], interp="area", norm_then_pad=True)
-    assert np.array_equal(train_image, area) == (modality not in table)  # a table entry reaches both sides
+    fallback = real(case["imgs"], interp=data.PREPROCESS_FALLBACK["interp"],
+                    norm_then_pad=data.PREPROCESS_FALLBACK["norm_then_pad"])
+    assert np.array_equal(train_image, fallback) == (modality not in table)  # a table entry reaches both sides
 
 
 # ---- the 3D prompt modes ---------------------------------------------------------------------------------
@@ -86,7 +90,7 @@ def test_hybrid_falls_back_when_the_object_vanishes_for_a_slice(model):
     assert hyb[[0, 1, 2, 4, 5, 6, 7, 8, 9]].any(axis=(1, 2)).all() and not hyb[3].any()
     # slice 2 is prompted with the 3D box's x/y (the fallback); slices 1, 0 propagate from it again
     np.testing.assert_array_equal(hyb[2] > 0, vol[2] > 100)
-    np.testing.assert_array_equal(hyb[2] > 0, oracle_model.reference_mask(vol[2], box[[0, 1, 3, 4]]))
+    np.testing.assert_array_equal(hyb[2] > 0, oracle_model.reference_mask(vol[2], box[[0, 1, 3, 4]], interp="area"))
 
 
 def test_start_largest_finds_an_object_absent_from_the_middle_slice(model):

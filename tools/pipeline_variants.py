@@ -166,21 +166,23 @@ class CachingModel(infer.Model):
         self._logits.clear()
 
 
-ROW_FIELDS = ["variant", "case", "modality", "dsc", "nsd", "seconds"]
+ROW_FIELDS = ["variant", "case", "modality", "dsc", "nsd", "seconds", "encoder_calls"]
 
 
 def evaluate(model, case_paths: list[Path], gts_dir: Path, variants: list[str], block: int = infer.DEFAULT_BLOCK,
-             max_slices: int = 0, progress: bool = True, rows_csv: Path | None = None) -> list[dict]:
-    """Every case under every variant → rows {variant, case, modality, dsc, nsd, seconds}.
+             max_slices: int = 0, progress: bool = True, rows_csv: Path | None = None,
+             share: bool = True) -> list[dict]:
+    """Every case under every variant → rows {variant, case, modality, dsc, nsd, seconds, encoder_calls}.
 
-    `seconds` is the wall time of the variant's segment_case call on the cached model (encoder calls
-    shared with earlier variants are not counted again): a rough cost, not a latency.
+    `encoder_calls` is what the variant asks of the encoder (as if it ran alone). With `share` (default)
+    variants share embeddings and decoder outputs (CachingModel), so `seconds` is a rough cost, not a
+    latency; without it every variant runs on the bare model and `seconds` is its own wall time.
     With `rows_csv`, each case's rows are appended as soon as it is done (a stopped run keeps them)."""
     if rows_csv:
         with open(rows_csv, "w", newline="") as f:
             csv.DictWriter(f, fieldnames=ROW_FIELDS).writeheader()
     pipes = {v: parse_variant(v) for v in variants}
-    cached = model if isinstance(model, CachingModel) else CachingModel(model)
+    cached = model if isinstance(model, CachingModel) or not share else CachingModel(model)
     rows: list[dict] = []
     for n, path in enumerate(case_paths):
         case = infer.load_case(path)
@@ -193,18 +195,21 @@ def evaluate(model, case_paths: list[Path], gts_dir: Path, variants: list[str], 
                 imgs, boxes = f["imgs"], f["boxes"]
             imgs, boxes, gts = data.crop_z(imgs, boxes, gts, max_slices)
             case = infer.repair_case(path.name, imgs, boxes)
-        done: dict[tuple, tuple[float, float, float]] = {}
+        done: dict[tuple, tuple[float, float, float, int]] = {}
         for v, pipe in pipes.items():
             key = effective_key(case, pipe)
             if key not in done:
+                asked = cached.encoder_calls + getattr(cached, "encoder_hits", 0)
                 t0 = time.perf_counter()
                 segs = infer.segment_case(cached, case, block, pipe=pipe)
                 seconds = time.perf_counter() - t0
                 dsc, nsd = metrics.case_metrics(gts, segs, spacing, case.is_3d)
-                done[key] = (dsc, nsd, seconds)
-            dsc, nsd, seconds = done[key]
-            rows.append(dict(variant=v, case=path.name, modality=case.modality, dsc=dsc, nsd=nsd, seconds=seconds))
-        cached.clear()
+                done[key] = (dsc, nsd, seconds, cached.encoder_calls + getattr(cached, "encoder_hits", 0) - asked)
+            dsc, nsd, seconds, calls = done[key]
+            rows.append(dict(variant=v, case=path.name, modality=case.modality, dsc=dsc, nsd=nsd, seconds=seconds,
+                             encoder_calls=calls))
+        if share:
+            cached.clear()
         if rows_csv:
             with open(rows_csv, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=ROW_FIELDS).writerows(rows[-len(pipes):])
@@ -255,8 +260,8 @@ def format_wide_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
 def read_rows(path: Path) -> list[dict]:
     """Rows written by --out (numbers parsed)."""
     with open(path, newline="") as f:
-        return [dict(r, dsc=float(r["dsc"]), nsd=float(r["nsd"]),
-                     seconds=float(r["seconds"])) for r in csv.DictReader(f)]
+        return [dict(r, dsc=float(r["dsc"]), nsd=float(r["nsd"]), seconds=float(r["seconds"]),
+                     encoder_calls=int(r.get("encoder_calls") or 0)) for r in csv.DictReader(f)]
 
 
 def sign_test_p(wins: int, losses: int) -> float:
@@ -345,6 +350,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="per-case rows (variant, case, modality, dsc, nsd, seconds)")
     p.add_argument("--baseline", default=None, metavar="VARIANT",
                    help="also print mean ΔDSC/ΔNSD and per-case wins/ties/losses of every variant against this one")
+    p.add_argument("--no-share", action="store_true",
+                   help="run every variant on the bare model (real per-variant seconds; slower)")
     p.add_argument("--from-csv", type=Path, default=None, metavar="CSV",
                    help="no inference: summarise rows of an earlier --out (also a partial one)")
     p.add_argument("--wide", action="store_true",
@@ -398,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"pipeline_variants: {len(paths)} cases × {len(variants)} variants, model {args.model} ({model.precision})",
           file=sys.stderr)
-    rows = evaluate(model, paths, args.gts, variants, args.block, args.max_slices, rows_csv=args.out)
+    rows = evaluate(model, paths, args.gts, variants, args.block, args.max_slices, rows_csv=args.out,
+                    share=not args.no_share)
     report(rows, variants, args)
     return 0
 
