@@ -131,14 +131,21 @@ def load_checkpoint(checkpoint: str = "published") -> tuple[model_lib.LiteMedSAM
 
 
 def build_ptq_model(calib_data: str | os.PathLike = DEFAULT_CALIB_DATA, k: int = DEFAULT_CALIB_IMAGES,
-                    float_layers: Sequence[str] = model_lib.FLOAT_LAYERS_DEFAULT) -> tuple[model_lib.LiteMedSAM, dict]:
+                    float_layers: Sequence[str] = model_lib.FLOAT_LAYERS_DEFAULT,
+                    reconstruct_steps: int = 0) -> tuple[model_lib.LiteMedSAM, dict]:
     """The published LiteMedSAM, int8-quantized (model.quantize_, `float_layers` kept float) and calibrated
-    on K images."""
+    on K images; with `reconstruct_steps`, the encoder is then fitted block by block to the fp32 model on
+    the same images (model.reconstruct_blocks) and the decoder recalibrated on its new embeddings."""
     net, info = load_checkpoint("published")
     model_lib.quantize_(net, float_layers=float_layers)
     images, boxes_256 = model_lib.calibration_batch(calib_data, k)
     say(f"calibrating on {len(images)} images from {calib_data}")
     model_lib.calibrate(net, images, boxes_256)
+    if reconstruct_steps:
+        teacher, _ = load_checkpoint("published")
+        model_lib.reconstruct_blocks(net, teacher, images, steps=reconstruct_steps, log=say)
+        model_lib.calibrate(net, images, boxes_256, parts=("mask_decoder",))
+        info["reconstruction"] = {"steps_per_unit": reconstruct_steps, "images": len(images)}
     info["quantized"] = {"encoder": True, "decoder": True}
     info["quant_config"] = dict(getattr(net, "quant_config", None) or {})
     info["calibration"] = {"data": str(calib_data), "images": len(images)}
@@ -290,6 +297,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--float-layers", type=lambda s: tuple(x for x in s.split(",") if x),
                    default=model_lib.FLOAT_LAYERS_DEFAULT, metavar="PATTERN,…",
                    help="--quantize-calibrated: fnmatch patterns of module names left in float")
+    p.add_argument("--reconstruct-steps", type=int, default=0,
+                   help="--quantize-calibrated: Adam steps per encoder block fitting it to fp32 LiteMedSAM "
+                        "(model.reconstruct_blocks); 0 = calibration only")
+    p.add_argument("--save-checkpoint", type=Path, default=None,
+                   help="also save the quantized model as a train.py-style checkpoint (to start QAT from)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     p.add_argument("--no-ir", action="store_true", help="write ONNX only, no OpenVINO IR")
     p.add_argument("--keep-clips", action="store_true",
@@ -338,11 +350,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.fp32 or checkpoint not in (None, "published"):
                 raise ValueError("--quantize-calibrated starts from the published model: "
                                  "drop --fp32 / --checkpoint")
-            net, info = build_ptq_model(args.calib_data, args.calib_images, args.float_layers)
+            net, info = build_ptq_model(args.calib_data, args.calib_images, args.float_layers,
+                                        args.reconstruct_steps)
         else:
             net, info = load_checkpoint(str(checkpoint))
             if args.fp32 and (info["quantized"]["encoder"] or info["quantized"]["decoder"]):
                 raise ValueError(f"{checkpoint}: --fp32 given but the checkpoint is quantized")
+        if args.save_checkpoint:
+            args.save_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model_lib.save_model_state(net), args.save_checkpoint)
         out = export_model(net, out, info, opset=args.opset, ir=not args.no_ir, fold_clips=not args.keep_clips,
                            split_qkv=not args.keep_fused_qkv, encoder_batch=args.encoder_batch or None)
     except (FileNotFoundError, ValueError) as e:

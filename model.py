@@ -20,7 +20,7 @@ import math
 import os
 import pathlib
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import brevitas.nn as qnn
 import numpy as np
@@ -815,6 +815,65 @@ def calibrate(model: LiteMedSAM, images: torch.Tensor | Sequence[torch.Tensor],
             run(BIAS_CORRECTION_IMAGES)
     model.train(was_training)
     return model
+
+
+def encoder_units(encoder: TinyViTEncoder) -> list[tuple[str, nn.Module, Callable]]:
+    """The encoder as a chain of units (name, module, forward): patch embedding, every block and merge in
+    order, the neck; unit k's forward takes unit k-1's output. The units block reconstruction fits."""
+    units: list[tuple[str, nn.Module, Callable]] = [("patch_embed", encoder.patch_embed, encoder.patch_embed)]
+    for i, layer in enumerate(encoder.layers):
+        units += [(f"layers.{i}.blocks.{j}", blk, blk) for j, blk in enumerate(layer.blocks)]
+        if layer.downsample is not None:
+            units.append((f"layers.{i}.downsample", layer.downsample, layer.downsample))
+    side = encoder.embed_size
+    units.append(("neck", encoder.neck, lambda x: encoder.neck(tokens_to_map(x, side, side))))
+    return units
+
+
+def reconstruct_blocks(student: LiteMedSAM, teacher: LiteMedSAM, images: torch.Tensor, steps: int = 100,
+                       lr: float = 1e-5, batch: int = 4, seed: int = 0, log: Callable | None = None) -> LiteMedSAM:
+    """Block-wise reconstruction of the quantized encoder (a refinement of calibration): unit by unit in
+    order, the student unit's weights, biases, norms and quantizer scales are fitted (Adam, straight-through
+    rounding) so that on the student's own input it reproduces the fp32 teacher unit's output on the
+    teacher's input (MSE), then the student's output becomes the next unit's input, so each unit also
+    corrects what the units before it left. images: K×3×256×256 in [0, 1]. Units without a quantizer
+    are skipped. Returns the student in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    student.eval()
+    teacher.eval()
+    x_s, x_t = images.clone(), images.clone()
+    for (name, unit, fwd), (_, t_unit, t_fwd) in zip(encoder_units(student.image_encoder),
+                                                     encoder_units(teacher.image_encoder)):
+        with torch.no_grad():
+            target = torch.cat([t_fwd(x_t[k:k + batch]) for k in range(0, len(x_t), batch)])
+        params = list(unit.parameters())
+        trainable = [p.requires_grad for p in params]  # restored afterwards: the caller's freezing stands
+        quantized = any(isinstance(m, (qnn.QuantLinear, qnn.QuantConv2d, qnn.QuantIdentity)) for m in unit.modules())
+        if quantized and steps > 0:
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.Adam(params, lr=lr)
+            with torch.no_grad():
+                before = float(sum(F.mse_loss(fwd(x_s[k:k + batch]), target[k:k + batch], reduction="sum")
+                                   for k in range(0, len(x_s), batch)) / target.numel())
+            unit.train()
+            for _ in range(steps):
+                pick = torch.randperm(len(x_s), generator=gen)[:batch]
+                loss = F.mse_loss(fwd(x_s[pick]), target[pick])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            unit.eval()
+            for p, flag in zip(params, trainable):
+                p.requires_grad_(flag)
+        with torch.no_grad():
+            x_s = torch.cat([fwd(x_s[k:k + batch]) for k in range(0, len(x_s), batch)])
+            after = float(F.mse_loss(x_s, target))
+        if log is not None and quantized:
+            log(f"reconstruct {name}: output MSE vs fp32 {before:.3g} → {after:.3g}" if steps > 0
+                else f"reconstruct {name}: output MSE vs fp32 {after:.3g}")
+        x_t = target
+    return student.eval()
 
 
 # The calibration data: a few real slices, preprocessed as at inference

@@ -215,6 +215,21 @@ def test_per_modality_default_table(monkeypatch):
     assert infer.resolve_pipeline(other).prompt_3d == infer.PROMPT_3D_FALLBACK
 
 
+@pytest.mark.parametrize("modality", ["CT", "MR", "PET", "Weird"])
+def test_shipped_3d_defaults_reach_segment_case(model, monkeypatch, modality):
+    """The shipped table as infer.py applies it to a case named 3DBox_<Modality>_…: the 3D prompt mode and
+    the z-sampling of the resolved pipeline are the ones segment_3d runs (adaptive: fewer encoder calls)."""
+    depth = 30
+    vol = _volume_with([(z, 48, 48, 20 + z / 6) for z in range(depth)], depth)
+    case = infer.repair_case(f"3DBox_{modality}_t.npz", vol, np.array([[10, 10, 0, 86, 86, depth - 1]]))
+    pipe = infer.resolve_pipeline(case)
+    assert pipe.prompt_3d == infer.PROMPT_3D_BY_MODALITY.get(modality, infer.PROMPT_3D_FALLBACK)
+    assert pipe.z_sampling == infer.PIPELINE_FALLBACK["z_sampling"] and pipe.image_interp == "area/linear"
+    seen = _encoded_slices(monkeypatch)
+    infer.segment_case(model, case)
+    assert (len(seen) < depth) == (pipe.z_sampling == "adaptive")
+
+
 # ---- the CLI: files, reruns, CSV, backends, messages ----------------------------------------------------
 def test_cli_outputs_times_rerun_overwrite(oracle_dir, tmp_path, capsys):
     imgs, boxes = synthetic_2d(seed=2)

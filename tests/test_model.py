@@ -343,3 +343,25 @@ def test_calibration_batch_shapes(source, tmp_path):
         assert b.ndim == 2 and b.shape[1] == 4 and len(b) >= 1
         assert bool((b[:, 2] >= b[:, 0]).all() and (b[:, 3] >= b[:, 1]).all())
         assert float(b.min()) >= 0 and float(b.max()) <= 256
+
+
+@pytest.mark.slow
+def test_block_reconstruction_brings_the_int8_encoder_closer_to_fp32(fp32_model):
+    """model.reconstruct_blocks fits every quantized encoder unit to the fp32 unit's output: the int8
+    embedding of the images it was fitted on moves closer to fp32, and nothing but the encoder changes."""
+    images = torch.stack([torch.from_numpy(c["image"]) for c in make_reference.make_cases(seed=5)[:1]])
+    student = model.build_model("published")
+    model.quantize_(student, decoder=False, float_layers=("image_encoder.patch_embed.*",))  # stage 0 int8 too
+    model.calibrate(student, images, parts=("image_encoder",), bias_correction=False)
+    decoder_before = {k: v.clone() for k, v in student.mask_decoder.state_dict().items()}
+    flags = [p.requires_grad for p in student.parameters()]
+    with torch.no_grad():
+        ref = fp32_model.encode(images)
+        err_before = float(torch.nn.functional.mse_loss(student.encode(images), ref))
+    model.reconstruct_blocks(student, fp32_model, images, steps=6, lr=1e-4, batch=1)
+    with torch.no_grad():
+        err_after = float(torch.nn.functional.mse_loss(student.encode(images), ref))
+    print(f"embedding MSE vs fp32: calibrated {err_before:.4g}, reconstructed {err_after:.4g}")
+    assert err_after < 0.9 * err_before
+    assert all(torch.equal(v, student.mask_decoder.state_dict()[k]) for k, v in decoder_before.items())
+    assert [p.requires_grad for p in student.parameters()] == flags

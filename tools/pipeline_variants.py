@@ -71,6 +71,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "z-every": {"z_sampling": "every"},
     "z-adaptive": {"z_sampling": "adaptive"},
     "agree0.75": {"z_agree_iou": 0.75},
+    "agree0.8": {"z_agree_iou": 0.8},
     "agree0.85": {"z_agree_iou": 0.85},
     "agree0.9": {"z_agree_iou": 0.9},
     "gap2": {"z_max_gap": 2},
