@@ -132,12 +132,12 @@ def load_checkpoint(checkpoint: str = "published") -> tuple[model_lib.LiteMedSAM
 
 def build_ptq_model(calib_data: str | os.PathLike = DEFAULT_CALIB_DATA, k: int = DEFAULT_CALIB_IMAGES,
                     float_layers: Sequence[str] = model_lib.FLOAT_LAYERS_DEFAULT,
-                    reconstruct_steps: int = 0) -> tuple[model_lib.LiteMedSAM, dict]:
+                    reconstruct_steps: int = 0, conv_input: str = "int8") -> tuple[model_lib.LiteMedSAM, dict]:
     """The published LiteMedSAM, int8-quantized (model.quantize_, `float_layers` kept float) and calibrated
     on K images; with `reconstruct_steps`, the encoder is then fitted block by block to the fp32 model on
     the same images (model.reconstruct_blocks) and the decoder recalibrated on its new embeddings."""
     net, info = load_checkpoint("published")
-    model_lib.quantize_(net, float_layers=float_layers)
+    model_lib.quantize_(net, float_layers=float_layers, conv_input=conv_input)
     images, boxes_256 = model_lib.calibration_batch(calib_data, k)
     say(f"calibrating on {len(images)} images from {calib_data}")
     model_lib.calibrate(net, images, boxes_256)
@@ -249,7 +249,8 @@ def export_model(net: model_lib.LiteMedSAM, out_dir: str | os.PathLike, info: di
                 say(f"{name}: converting to OpenVINO IR")
                 to_ir(onnx_path, tmp / f"{name}.xml", encoder_batch if name == "encoder" else None)
         ir_batch = encoder_batch if ir and encoder_batch else "batch"  # the ONNX keeps a dynamic batch
-        meta = dict(info)
+        meta = dict(info, command="python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("export.py")
+                    else None)
         meta["quantizers"] = count_quantizers(net)
         meta.update({
             "opset": opset, "ir": ir, "fold_weight_clips": fold_clips, "split_qkv": split_counts,
@@ -297,6 +298,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--float-layers", type=lambda s: tuple(x for x in s.split(",") if x),
                    default=model_lib.FLOAT_LAYERS_DEFAULT, metavar="PATTERN,…",
                    help="--quantize-calibrated: fnmatch patterns of module names left in float")
+    p.add_argument("--conv-input", choices=tuple(model_lib.CONV_INPUTS), default="int8",
+                   help="--quantize-calibrated: convolution input quantizers, symmetric int8 or uint8 with a "
+                        "zero point (what OpenVINO's int8 convolutions take on CPUs without AMX)")
     p.add_argument("--reconstruct-steps", type=int, default=0,
                    help="--quantize-calibrated: Adam steps per encoder block fitting it to fp32 LiteMedSAM "
                         "(model.reconstruct_blocks); 0 = calibration only")
@@ -350,8 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.fp32 or checkpoint not in (None, "published"):
                 raise ValueError("--quantize-calibrated starts from the published model: "
                                  "drop --fp32 / --checkpoint")
-            net, info = build_ptq_model(args.calib_data, args.calib_images, args.float_layers,
-                                        args.reconstruct_steps)
+            net, info = build_ptq_model(args.calib_data, args.calib_images, float_layers=args.float_layers,
+                                        reconstruct_steps=args.reconstruct_steps, conv_input=args.conv_input)
         else:
             net, info = load_checkpoint(str(checkpoint))
             if args.fp32 and (info["quantized"]["encoder"] or info["quantized"]["decoder"]):

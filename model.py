@@ -28,7 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from brevitas.graph.calibrate import bias_correction_mode, calibration_mode
-from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
+from brevitas.quant import (
+    Int8ActPerTensorFloat,
+    Int8WeightPerChannelFloat,
+    ShiftedUint8ActPerTensorFloat,
+    Uint8ActPerTensorFloat,
+)
 
 import data
 
@@ -704,6 +709,16 @@ class Uint8ActQuant(Uint8ActPerTensorFloat):
     """uint8 per-tensor quantizer for non-negative inputs (softmax probabilities)."""
 
 
+class ShiftedUint8ActQuant(ShiftedUint8ActPerTensorFloat):
+    """uint8 per-tensor quantizer with a learned zero point: what a convolution input gets with
+    conv_input="uint8": OpenVINO on CPUs without AMX runs a convolution in int8 only on unsigned
+    activations, and the inputs here are signed (residual streams, GELU's small negative lobe), so the
+    zero point shifts the range instead of clipping it."""
+
+
+CONV_INPUTS = {"int8": Int8ActQuant, "uint8": ShiftedUint8ActQuant}
+
+
 def _swap_layer(layer: nn.Module, act_quant: type) -> nn.Module:
     """A Linear / Conv2d / ConvTranspose2d → the Brevitas layer with int8 weights and int8 input
     activations (bias and output stay float), same weights."""
@@ -732,7 +747,7 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 def quantize_(model: LiteMedSAM, encoder: bool = True, decoder: bool = True,
-              float_layers: Sequence[str] = FLOAT_LAYERS_DEFAULT) -> LiteMedSAM:
+              float_layers: Sequence[str] = FLOAT_LAYERS_DEFAULT, conv_input: str = "int8") -> LiteMedSAM:
     """Swap Brevitas int8 fake-quant layers into `model`, in place; returns it.
 
     BatchNorm is folded into its conv first. Every Linear/Conv2d (and the decoder's
@@ -741,7 +756,8 @@ def quantize_(model: LiteMedSAM, encoder: bool = True, decoder: bool = True,
     scale; the q, k, softmax-probability and v inputs of every attention matmul get a QuantIdentity.
     Biases, norms, activations, softmax and the prompt encoder stay float. `float_layers` are fnmatch
     patterns of module names (as in `model.named_modules()`) that stay float: the measured accuracy/FLOP
-    trade-off, see FLOAT_LAYERS_DEFAULT. Call `calibrate` next to initialise the activation scales.
+    trade-off, see FLOAT_LAYERS_DEFAULT. `conv_input` "uint8" gives convolution inputs an asymmetric uint8
+    quantizer instead (ShiftedUint8ActQuant). Call `calibrate` next to initialise the activation scales.
     """
     fold_batchnorm_(model)
     parts = [p for p, on in (("image_encoder", encoder), ("mask_decoder", decoder)) if on]
@@ -755,13 +771,14 @@ def quantize_(model: LiteMedSAM, encoder: bool = True, decoder: bool = True,
                 continue
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)) and not isinstance(
                     module, qnn.quant_layer.QuantWeightBiasInputOutputLayer):
-                setattr(parent, attr, _swap_layer(module, Int8ActQuant))
+                act = CONV_INPUTS[conv_input] if isinstance(module, nn.Conv2d) else Int8ActQuant
+                setattr(parent, attr, _swap_layer(module, act))
             elif attr in QUANT_HOOKS and isinstance(module, nn.Identity):
                 act = Uint8ActQuant if attr == "probs_quant" else Int8ActQuant
                 setattr(parent, attr, qnn.QuantIdentity(act_quant=act, return_quant_tensor=False))
     model.quant_config = {"encoder": bool(encoder or getattr(model, "quant_config", {}).get("encoder")),
                           "decoder": bool(decoder or getattr(model, "quant_config", {}).get("decoder")),
-                          "float_layers": list(float_layers)}
+                          "float_layers": list(float_layers), "conv_input": conv_input}
     return model
 
 
@@ -962,7 +979,7 @@ def build_model(checkpoint: str | pathlib.Path | dict | None = "published",
             _unquantized_config()
         if saved.get("encoder") or saved.get("decoder"):
             quantize_(model, bool(saved.get("encoder")), bool(saved.get("decoder")),
-                      saved.get("float_layers", list(FLOAT_LAYERS_DEFAULT)))
+                      saved.get("float_layers", list(FLOAT_LAYERS_DEFAULT)), saved.get("conv_input", "int8"))
         load_model_state(model, checkpoint)
         if tuple(saved.get("float_layers") or ()) and (quant_encoder or quant_decoder):
             float_layers = saved["float_layers"]

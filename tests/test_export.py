@@ -390,7 +390,7 @@ def test_bare_export_takes_the_latest_run_else_calibrates_and_never_writes_model
     monkeypatch.setattr(export, "new_export_dir", lambda: tmp_path / "runs" / "export" / "x")
     monkeypatch.setattr(export, "load_checkpoint", lambda c: (calls.setdefault("ckpt", c), {
         "checkpoint": c, "quantized": {"encoder": True, "decoder": True}}))
-    monkeypatch.setattr(export, "build_ptq_model", lambda d, k: (calls.setdefault("ptq", (d, k)), {
+    monkeypatch.setattr(export, "build_ptq_model", lambda d, k, **options: (calls.setdefault("ptq", (d, k)), {
         "checkpoint": "published", "quantized": {"encoder": True, "decoder": True}}))
     monkeypatch.setattr(export, "export_model", lambda net, out, info, **kw: out)
     monkeypatch.setattr(export, "latest_checkpoint", lambda: runs / "new" / "stage2" / "best.pth")

@@ -6,6 +6,7 @@ import hashlib
 import importlib.metadata
 import pathlib
 
+import brevitas.nn as qnn
 import numpy as np
 import pytest
 import torch
@@ -365,3 +366,27 @@ def test_block_reconstruction_brings_the_int8_encoder_closer_to_fp32(fp32_model)
     assert err_after < 0.9 * err_before
     assert all(torch.equal(v, student.mask_decoder.state_dict()[k]) for k, v in decoder_before.items())
     assert [p.requires_grad for p in student.parameters()] == flags
+
+
+@pytest.mark.slow
+def test_uint8_conv_inputs_shift_their_range_and_survive_a_checkpoint(tmp_path):
+    """conv_input="uint8": every quantized Conv2d's input quantizer is unsigned with a calibrated zero
+    point (non-zero where the calibration inputs were signed), the linears keep symmetric int8, and
+    build_model rebuilds the same quantizers from the saved checkpoint (same outputs)."""
+    image, boxes_256 = _cases(seed=21, n_images=1)[0]
+    m = model.build_model("published")
+    model.quantize_(m, conv_input="uint8")
+    model.calibrate(m, [image], [boxes_256])
+    convs = [mod for mod in m.image_encoder.modules() if isinstance(mod, qnn.QuantConv2d)]
+    linears = [mod for mod in m.image_encoder.modules() if isinstance(mod, qnn.QuantLinear)]
+    assert convs and linears
+    assert all(not c.input_quant.is_signed for c in convs)
+    assert all(lin.input_quant.is_signed for lin in linears)
+    zero_points = [float(c.input_quant.zero_point().detach()) for c in convs]
+    assert any(z != 0 for z in zero_points), "no convolution input got a zero point"
+    path = tmp_path / "u8.pth"
+    torch.save(model.save_model_state(m), path)
+    rebuilt = model.build_model(path)
+    assert rebuilt.quant_config["conv_input"] == "uint8"
+    with torch.no_grad():
+        assert torch.equal(rebuilt(image, boxes_256), m(image, boxes_256))
