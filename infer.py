@@ -181,7 +181,6 @@ class OpenVINOModel(Model):
             try:
                 Path(cache_dir).mkdir(parents=True, exist_ok=True)
                 seed_cache(Path(cache_dir), seed_cache_dir)
-                core.set_property({"CACHE_DIR": str(cache_dir)})
             except OSError:
                 cache_dir = None  # a read-only location must not stop inference: compile without the cache
         config: dict = {}
@@ -194,9 +193,12 @@ class OpenVINOModel(Model):
             # a static input shape runs faster than a dynamic batch (tools/bench_batch.py)
             encoder = core.read_model(encoder)
             encoder.reshape({encoder.inputs[0]: [encoder_batch, *encoder.inputs[0].get_partial_shape()[1:]]})
-        # from the file path when the IR already has the shape: a cache hit then skips reading the graph
-        self.encoder = _compile(core, encoder, config, cache_dir)
-        self.decoder = _compile(core, str(model_dir / "decoder.xml"), config, cache_dir)
+        # from the file path when the IR already has the shape: a cache hit then skips reading the graph;
+        # the decoder compiles beside the encoder (OpenVINO releases the GIL; about 0.05 s less per start)
+        with ThreadPoolExecutor(max_workers=1) as side:
+            decoder = side.submit(_compile, core, str(model_dir / "decoder.xml"), config, cache_dir)
+            self.encoder = _compile(core, encoder, config, cache_dir)
+            self.decoder = decoder.result()
         self.from_cache = all(bool(m.get_property("LOADED_FROM_CACHE")) for m in (self.encoder, self.decoder))
         hint = self.encoder.get_property("INFERENCE_PRECISION_HINT")  # what OpenVINO actually uses
         self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
@@ -257,14 +259,14 @@ def static_encoder_batch(model_dir: Path) -> int | None:
 
 
 def _compile(core, model, config: dict, cache_dir):
-    """core.compile_model, and once more without the cache if a cached blob cannot be used (OpenVINO
-    recompiles a truncated or foreign blob by itself; this guards against anything it does not)."""
-    try:
+    """core.compile_model through the cache, and once more without it if a cached blob cannot be used
+    (OpenVINO recompiles a truncated or foreign blob by itself; this guards against anything it does not).
+    The cache folder goes in each call's config, not the Core, so two compiles can run at once."""
+    if not cache_dir:
         return core.compile_model(model, "CPU", config)
+    try:
+        return core.compile_model(model, "CPU", {**config, "CACHE_DIR": str(cache_dir)})
     except RuntimeError:
-        if not cache_dir:
-            raise
-        core.set_property({"CACHE_DIR": ""})
         return core.compile_model(model, "CPU", config)
 
 
@@ -1113,4 +1115,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Every output is written and closed by now; skipping the interpreter's teardown (freeing the compiled
+    # models, joining the runtime's threads) saves ~0.1 s of each challenge container.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

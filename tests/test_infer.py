@@ -328,7 +328,9 @@ def test_inference_path_imports_no_torch(oracle_dir, tmp_path, backend):
     save(tmp_path / "in" / "2DBox_X_a.npz", imgs=np.zeros((8, 8, 3), np.uint8), boxes=np.array([[0, 0, 4, 4]]))
     argv = ["infer.py", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", str(oracle_dir),
             "-q", "--cache-dir", "", "--backend", backend]
-    code = ("import json, runpy, sys\n"
+    code = ("import json, os, runpy, sys\n"
+            "def _exit(code):\n    raise SystemExit(code)\n"
+            "os._exit = _exit  # infer.py ends with os._exit; here it must return to list the modules\n"
             f"sys.argv = {argv!r}\n"
             "try:\n    runpy.run_path('infer.py', run_name='__main__')\n"
             "except SystemExit as e:\n    rc = e.code\n"

@@ -43,7 +43,9 @@ def measure(model_dir: Path, width: int, height: int, n_boxes: int, block: int, 
         data.write_case(inp / f"2DBox_Bench_{width}x{height}_{n_boxes}.npz", case, with_gts=False)
     argv = ["infer.py", "-i", str(inp), "-o", str(out), "-m", str(model_dir),
             "-b", str(block), "-q", "--overwrite", "--times", "", *extra]
-    code = (f"import runpy, sys\nsys.argv = {argv!r}\nrc = 0\n"
+    code = (f"import os, runpy, sys\nsys.argv = {argv!r}\nrc = 0\n"
+            "def _exit(code):\n    raise SystemExit(code)\n"
+            "os._exit = _exit  # infer.py ends with os._exit: return here to read the peak\n"
             f"try:\n    runpy.run_path({str(REPO_DIR / 'infer.py')!r}, run_name='__main__')\n"
             "except SystemExit as e:\n    rc = e.code or 0\n"
             "from tools.benchlib import peak_rss_mb\nprint('peak_rss_mb', peak_rss_mb())\nsys.exit(rc)\n")
