@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -38,3 +41,30 @@ def test_bench_batch_times_encoder_calls_of_several_slices(oracle_dir, tmp_path)
     assert all(dyn > 0 and static > 0 and rss > 50 for dyn, static, _, _, rss in rows.values())
     bad = run("-m", str(tmp_path / "nothing"))
     assert bad.returncode == 2 and "no encoder.xml" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_bench_case_list_becomes_a_set_of_links(tmp_path):
+    """bench.py --sets LIST.txt: the named dev-set cases (and their gts) as a folder set; a name that is
+    not in the dev set stops the run with the file named."""
+    from tools import bench
+
+    dev = tmp_path / "dev"
+    for sub, name in (("imgs", "2DBox_US_a.npz"), ("gts", "2DBox_US_a.npz"), ("imgs", "3DBox_CT_b.npz")):
+        (dev / sub).mkdir(parents=True, exist_ok=True)
+        np.savez(dev / sub / name, x=np.arange(3))
+    listed = tmp_path / "few.txt"
+    listed.write_text("# a comment\n2DBox_US_a\n3DBox_CT_b.npz  # with a note\n")
+    root = bench.list_set(listed, dev, tmp_path / "work")
+    assert sorted(p.name for p in (root / "imgs").iterdir()) == ["2DBox_US_a.npz", "3DBox_CT_b.npz"]
+    assert [p.name for p in (root / "gts").iterdir()] == ["2DBox_US_a.npz"]
+    assert np.load(root / "imgs" / "3DBox_CT_b.npz")["x"].tolist() == [0, 1, 2]
+    listed.write_text("2DBox_US_missing\n")
+    with pytest.raises(SystemExit, match="few.txt.*2DBox_US_missing"):
+        bench.list_set(listed, dev, tmp_path / "work")
+
+
+def test_committed_bench_list_names_dev_set_cases(tmp_path):
+    from tools import bench
+
+    root = bench.list_set(REPO / "tools" / "bench_cases.txt", REPO / "devset", tmp_path)
+    assert len(list((root / "imgs").iterdir())) == len(list((root / "gts").iterdir())) == 51

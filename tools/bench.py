@@ -117,12 +117,32 @@ def ensure_bench_set(path: Path) -> None:
         phantoms.write_bench_set(path)
 
 
+def list_set(list_file: Path, devset: Path, work: Path) -> Path:
+    """A folder with imgs/ and gts/ holding links to the dev-set cases a list file names (one per line,
+    '#' comments), so a frozen case list runs like any other set."""
+    names = [ln.split("#")[0].strip() for ln in list_file.read_text().splitlines()]
+    names = [n if n.endswith(".npz") else n + ".npz" for n in names if n]
+    root = work / list_file.stem
+    for sub in ("imgs", "gts"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for old in (root / sub).glob("*.npz"):
+            old.unlink()
+    missing = [n for n in names if not (devset / "imgs" / n).is_file()]
+    if missing:
+        raise SystemExit(f"bench: {list_file}: not in {devset}/imgs: {', '.join(missing[:5])}")
+    for n in names:
+        (root / "imgs" / n).symlink_to((devset / "imgs" / n).resolve())
+        if (devset / "gts" / n).is_file():
+            (root / "gts" / n).symlink_to((devset / "gts" / n).resolve())
+    return root
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--rows", default="a,b,c,d,d',e", help="which rows, comma-separated (see the module doc)")
     p.add_argument("--sets", default="bench,dev", help="case sets: bench (synthetic), dev (devset/), demo, "
-                   "or a folder with imgs/ and gts/")
+                   "a .txt list of dev-set case names (e.g. tools/bench_cases.txt), or a folder with imgs/ and gts/")
     p.add_argument("--int8", type=Path, default=REPO / "models" / "default", help="int8 model dir (rows d, d', e)")
     p.add_argument("--fp32", type=Path, default=REPO / "runs" / "models" / "fp32",
                    help="fp32 IR dir (rows b, c); exported from the published weights if missing")
@@ -141,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             root = args.bench_dir
         elif name in ("dev", "demo"):
             root = REPO / ("devset" if name == "dev" else "demo")
+        elif name.endswith(".txt"):
+            root = list_set(Path(name), REPO / "devset", REPO / "runs" / "bench_lists")
         else:
             root = Path(name)
         sets.append((root / "imgs", root / "gts" if (root / "gts").is_dir() else None))
