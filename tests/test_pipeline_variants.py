@@ -174,6 +174,15 @@ def test_parse_variant():
         pipeline_variants.parse_variant("img-cubic+nope")
 
 
+def test_previous_variant_applies_its_us_exceptions_only_to_us():
+    pipe = pipeline_variants.parse_variant("previous")
+    us = pipeline_variants.case_pipeline("previous", pipe, "US")
+    ct = pipeline_variants.case_pipeline("previous", pipe, "CT")
+    assert (ct.image_interp, ct.box_rounding) == ("area", "float")
+    assert (us.image_interp, us.box_rounding) == ("cubic", "outward")
+    assert pipeline_variants.case_pipeline("default+mask-cubic", pipe, "US") == pipe
+
+
 def test_evaluate_runs_variants_once_per_distinct_pipeline(tmp_path, model):
     """Two 2D cases and a 3D phantom under variants where some knobs do not apply: rows for every
     (variant, case), identical scores where the resolved pipelines are the same, encoder calls shared."""

@@ -78,6 +78,12 @@ VARIANTS: dict[str, dict[str, object]] = {
     "gap4": {"z_max_gap": 4},
     "gap8": {"z_max_gap": 8},
 }
+# Named pipelines that differ by modality; "previous" = the defaults before the dev-set decisions
+# (docs/pipeline_variants.md), for before/after tables.
+MODALITY_VARIANTS: dict[str, dict[str, dict[str, object]]] = {
+    "previous": {"*": {"image_interp": "area", "box_rounding": "float"},
+                 "US": {"image_interp": "cubic", "box_rounding": "outward"}},
+}
 THREE_D_FIELDS = ("prompt_3d", "start_slice", "margin_px", "min_area_ratio", "z_sampling", "z_agree_iou", "z_max_gap")
 _FIELD_TYPES = {"norm_then_pad": lambda v: v.lower() in ("1", "true", "yes"), "margin_px": float,
                 "min_area_ratio": float, "z_agree_iou": float, "z_max_gap": int}
@@ -91,6 +97,8 @@ def parse_variant(spec: str) -> infer.Pipeline:
         part = part.strip()
         if part in VARIANTS:
             fields.update(VARIANTS[part])
+        elif part in MODALITY_VARIANTS:
+            fields.update(MODALITY_VARIANTS[part]["*"])
         elif "=" in part and part.split("=", 1)[0] in names:
             key, value = part.split("=", 1)
             fields[key] = _FIELD_TYPES.get(key, str)(value)
@@ -98,6 +106,15 @@ def parse_variant(spec: str) -> infer.Pipeline:
             raise ValueError(f"unknown variant part {part!r} in {spec!r}: use one of {', '.join(VARIANTS)} "
                              f"or field=value with a field of infer.Pipeline ({', '.join(sorted(names))})")
     return infer.Pipeline(**fields)
+
+
+def case_pipeline(spec: str, pipe: infer.Pipeline, modality: str) -> infer.Pipeline:
+    """`pipe` with the per-modality fields of any MODALITY_VARIANTS part of `spec` for this modality."""
+    for part in spec.split("+"):
+        extra = MODALITY_VARIANTS.get(part.strip(), {}).get(modality)
+        if extra:
+            pipe = dataclasses.replace(pipe, **extra)
+    return pipe
 
 
 def effective_key(case: infer.Case, pipe: infer.Pipeline) -> tuple:
@@ -198,6 +215,7 @@ def evaluate(model, case_paths: list[Path], gts_dir: Path, variants: list[str], 
             case = infer.repair_case(path.name, imgs, boxes)
         done: dict[tuple, tuple[float, float, float, int]] = {}
         for v, pipe in pipes.items():
+            pipe = case_pipeline(v, pipe, case.modality)
             key = effective_key(case, pipe)
             if key not in done:
                 asked = cached.encoder_calls + getattr(cached, "encoder_hits", 0)
@@ -331,7 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-m", "--model", type=Path, default=infer.DEFAULT_MODEL_DIR, metavar="MODEL_DIR",
                    help="model dir (encoder/decoder IR or ONNX)")
     p.add_argument("--variants", default="default", metavar="V1,V2,…",
-                   help=f"comma-separated variants; a variant joins names with '+'; names: {', '.join(VARIANTS)}; "
+                   help=f"comma-separated variants; a variant joins names with '+'; names: "
+                        f"{', '.join([*VARIANTS, *MODALITY_VARIANTS])}; "
                         "or field=value of infer.Pipeline")
     p.add_argument("--precision", choices=("f32", "bf16", "auto"), default="f32",
                    help="OpenVINO INFERENCE_PRECISION_HINT")
