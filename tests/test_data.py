@@ -280,7 +280,7 @@ def test_dataset_sample_types_and_determinism(synth_root):
 
 def test_works_with_torch_dataloader_and_no_torch_at_import(synth_root):
     out = subprocess.run([sys.executable, "-c", "import sys, data; assert 'torch' not in sys.modules"],
-                         cwd=Path(data.__file__).parent, capture_output=True, text=True)
+                         cwd=Path(data.__file__).parent, capture_output=True, encoding="utf-8", errors="replace")
     assert out.returncode == 0, out.stderr
     torch = pytest.importorskip("torch")
     ds = data.SegmentationDataset(synth_root)

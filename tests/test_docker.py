@@ -57,7 +57,8 @@ def test_docker_smoke(tmp_path):
         np.savez_compressed(inputs / name, imgs=case["imgs"], boxes=case["boxes"], spacing=case["spacing"])
     inputs.chmod(0o755)
     proc = subprocess.run(["bash", "../shared/tools/docker-smoke.sh", ".", str(inputs)], cwd=REPO,
-                          env=dict(os.environ, OUT=str(out)), capture_output=True, text=True, timeout=3600)
+                          env=dict(os.environ, OUT=str(out)), capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=3600)
     log = proc.stdout + proc.stderr
     print(log[-4000:])  # image size and container peak memory, shown with -s / on failure
     assert proc.returncode == 0, log[-4000:]
@@ -89,7 +90,7 @@ def test_two_cases_two_containers_the_second_does_not_compile(tmp_path):
     result = tmp_path / "result"
     proc = subprocess.run(["bash", str(CHALLENGE_TIME), ".", str(inputs), str(result)], cwd=REPO,
                           env=dict(os.environ, IMAGE="localhost/qmedsam:cachetest"), capture_output=True,
-                          text=True, timeout=3600)
+                          encoding="utf-8", errors="replace", timeout=3600)
     log = (result / "log").read_text() if (result / "log").is_file() else ""
     print(proc.stdout[-2000:], log[-3000:])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

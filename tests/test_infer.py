@@ -335,7 +335,8 @@ def test_inference_path_imports_no_torch(oracle_dir, tmp_path, backend):
             "try:\n    runpy.run_path('infer.py', run_name='__main__')\n"
             "except SystemExit as e:\n    rc = e.code\n"
             "print(json.dumps([rc, sorted(m.split('.')[0] for m in sys.modules)]))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=120)
     rc, modules = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rc == 0, proc.stderr
     assert not {"torch", "brevitas", "torchvision", "scipy", "onnx"} & set(modules)

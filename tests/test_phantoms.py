@@ -68,7 +68,8 @@ def test_write_synthetic_set_layout_is_atomic_and_loadable(tmp_path):
 
 def test_cli_synth(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tools.phantoms", "synth", "--out", str(tmp_path), "--n2d", "1",
-                          "--n3d", "1", "--seed", "2"], cwd=REPO, capture_output=True, text=True)
+                          "--n3d", "1", "--seed", "2"], cwd=REPO, capture_output=True,
+                          encoding="utf-8", errors="replace")
     assert out.returncode == 0, out.stderr
     assert len(data.find_cases(tmp_path)) == 2 and len(os.listdir(tmp_path / "gts")) == 2
 

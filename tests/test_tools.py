@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_index_runs_on_a_tiny_tree(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tools.bench_index", "--dir", str(tmp_path / "tree"), "--n-files", "12",
                           "--max-depth", "10", "--side", "32", "--samples", "10", "--out", str(tmp_path / "r.json")],
-                         cwd=REPO, capture_output=True, text=True)
+                         cwd=REPO, capture_output=True, encoding="utf-8", errors="replace")
     assert out.returncode == 0, out.stderr
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["files"] == 12 and res["decoded_during_indexing"] == 0 and res["sequential_decodes"] <= 1
@@ -29,7 +29,7 @@ def test_bench_batch_times_encoder_calls_of_several_slices(oracle_dir, tmp_path)
     subprocess; a missing model is one line."""
     def run(*args):
         return subprocess.run([sys.executable, "-m", "tools.bench_batch", *args], cwd=REPO, capture_output=True,
-                              text=True)
+                              encoding="utf-8", errors="replace")
 
     out = run("-m", str(oracle_dir), "--batches", "1", "4", "--rounds", "1", "--precision", "f32")
     assert out.returncode == 0, out.stderr

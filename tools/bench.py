@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "tools.bench", "--worker", r, "--sets", args.sets, "--int8", str(args.int8),
                "--fp32", str(args.fp32), "--bench-dir", str(args.bench_dir), "--repeats", str(args.repeats),
                "-b", str(block)] + (["--threads", str(args.threads)] if args.threads else [])
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, encoding="utf-8", errors="replace", cwd=REPO)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
         if proc.returncode or not line:
             print(f"bench: row {r} failed (exit {proc.returncode})", file=sys.stderr)

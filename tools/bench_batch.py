@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, "-m", "tools.bench_batch", "-m", args.model, "--precision",
                        args.precision, "--worker", str(batch), str(static)]
                 cmd += ["--threads", str(args.threads)] if args.threads else []
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
+                out = subprocess.run(cmd, check=True, capture_output=True,
+                                     encoding="utf-8", errors="replace", cwd=REPO).stdout
                 rows[batch, static] = json.loads(out.strip().splitlines()[-1])
     base = rows[args.batches[0], 1]["ms_per_slice"]
     print(f"{args.model}  (float ops: {rows[args.batches[0], 1]['precision']}; ms per slice, median)")

@@ -50,7 +50,8 @@ def measure(model_dir: Path, width: int, height: int, n_boxes: int, block: int, 
             "except SystemExit as e:\n    rc = e.code or 0\n"
             "from tools.benchlib import peak_rss_mb\nprint('peak_rss_mb', peak_rss_mb())\nsys.exit(rc)\n")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_DIR, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_DIR, capture_output=True,
+                          encoding="utf-8", errors="replace")
     time_s = time.perf_counter() - t0
     if proc.stderr:
         sys.stderr.write(proc.stderr)
