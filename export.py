@@ -46,6 +46,7 @@ DEFAULT_CALIB_DATA = REPO_DIR / "devset" / "imgs"
 DEFAULT_CALIB_IMAGES = 8
 ENCODER_INPUTS, ENCODER_OUTPUTS = ["image"], ["image_embedding"]
 DECODER_INPUTS, DECODER_OUTPUTS = ["image_embedding", "boxes"], ["low_res_logits"]
+PARTS = ("encoder", "decoder")
 MODEL_FILES = ("encoder.onnx", "decoder.onnx", "encoder.bin", "encoder.xml", "decoder.bin",
                "decoder.xml", "meta.json")  # rename order: meta.json last marks a complete dir
 
@@ -190,7 +191,7 @@ def to_ir(onnx_path: Path, xml_path: Path, batch: int | None = None) -> None:
     Read by the ONNX frontend as is (Core.read_model), not through ov.convert_model: convert_model's
     offline graph rewrites break OpenVINO's int8 pattern for per-channel weight scales on the layers
     that write the residual stream of stages 2–3 (measured: 16 encoder FullyConnected and 4 merge
-    convolutions then run in f32/bf16; read as is, every quantized layer runs in int8)."""
+    convolutions then run in f32/bf16; read as is, after onnx_passes, every quantized layer runs in int8)."""
     import openvino as ov
     graph = ov.Core().read_model(str(onnx_path))
     if batch:
@@ -226,6 +227,7 @@ def export_model(net: model_lib.LiteMedSAM, out_dir: str | os.PathLike, info: di
                         {"boxes": {0: "num_boxes"}, "low_res_logits": {0: "num_boxes"}}),
         }
         split_counts: dict[str, int] = {}
+        zero_points: dict[str, int] = {}
         for name, (graph, args, ins, outs, dyn) in parts.items():
             onnx_path = tmp / f"{name}.onnx"
             kind = "QCDQ" if is_quantized(graph) else "fp32"
@@ -236,41 +238,82 @@ def export_model(net: model_lib.LiteMedSAM, out_dir: str | os.PathLike, info: di
                 n_clips = onnx_passes.fold_weight_clips(onnx_path)
                 if n_clips:
                     say(f"{name}: folded {n_clips} weight Clips into their int8 initializers")
-            n_laid = onnx_passes.fold_weight_layout(onnx_path)
-            if n_laid:
-                say(f"{name}: folded the Linear layout of {n_laid} transposed-conv weights into their int8 "
-                    "initializers")
-            if split_qkv:
-                split_counts[name] = onnx_passes.split_fused_qkv(onnx_path)
-                if split_counts[name]:
-                    say(f"{name}: split {split_counts[name]} fused qkv projections into q, k, v")
-            onnx_passes.check_onnx(onnx_path)
-            if ir:
-                say(f"{name}: converting to OpenVINO IR")
-                to_ir(onnx_path, tmp / f"{name}.xml", encoder_batch if name == "encoder" else None)
-        ir_batch = encoder_batch if ir and encoder_batch else "batch"  # the ONNX keeps a dynamic batch
-        meta = dict(info, command="python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("export.py")
-                    else None)
+            counts = finish_graph(onnx_path, name, split_qkv, ir, encoder_batch)
+            split_counts[name], zero_points[name] = counts["split_qkv"], counts["zero_points_dropped"]
+        meta = dict(info)
         meta["quantizers"] = count_quantizers(net)
         meta.update({
-            "opset": opset, "ir": ir, "fold_weight_clips": fold_clips, "split_qkv": split_counts,
+            "opset": opset, "fold_weight_clips": fold_clips, "split_qkv": split_counts,
+            "zero_points_dropped": zero_points,
             "format": {"encoder": "QCDQ" if meta["quantized"]["encoder"] else "fp32",
-                                                  "decoder": "QCDQ" if meta["quantized"]["decoder"] else "fp32"},
-            "exported_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(),
-            "graphs": {"encoder": {"inputs": {"image": [ir_batch, 3, 256, 256]},
-                                   "outputs": {"image_embedding": [ir_batch, 256, 64, 64]}},
-                       "decoder": {"inputs": {"image_embedding": [1, 256, 64, 64], "boxes": ["num_boxes", 4]},
-                                   "outputs": {"low_res_logits": ["num_boxes", 1, 256, 256]}}},
+                       "decoder": "QCDQ" if meta["quantized"]["decoder"] else "fp32"},
         })
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        out_dir.mkdir(exist_ok=True)
-        (out_dir / "meta.json").unlink(missing_ok=True)  # an incomplete dir has no meta.json
-        for name in MODEL_FILES:
-            if (tmp / name).exists():
-                os.replace(tmp / name, out_dir / name)
-            elif name.endswith((".xml", ".bin")):
-                (out_dir / name).unlink(missing_ok=True)  # --no-ir: no stale IR of another model
+        write_meta_and_move(tmp, out_dir, meta, ir, encoder_batch)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def finish_graph(onnx_path: Path, name: str, split_qkv: bool, ir: bool, encoder_batch: int | None) -> dict:
+    """The ONNX passes after export (layout folding, qkv split, zero-point removal), the checker, and the
+    IR conversion of one part; returns what the passes changed."""
+    n_laid = onnx_passes.fold_weight_layout(onnx_path)
+    if n_laid:
+        say(f"{name}: folded the Linear layout of {n_laid} transposed-conv weights into their int8 initializers")
+    n_split = onnx_passes.split_fused_qkv(onnx_path) if split_qkv else 0
+    if n_split:
+        say(f"{name}: split {n_split} fused qkv projections into q, k, v")
+    n_zero = onnx_passes.drop_zero_weight_zero_points(onnx_path)
+    if n_zero:
+        say(f"{name}: dropped {n_zero} all-zero weight zero points")
+    onnx_passes.check_onnx(onnx_path)
+    if ir:
+        say(f"{name}: converting to OpenVINO IR")
+        to_ir(onnx_path, onnx_path.with_suffix(".xml"), encoder_batch if name == "encoder" else None)
+    return {"split_qkv": n_split, "zero_points_dropped": n_zero}
+
+
+def write_meta_and_move(tmp: Path, out_dir: Path, meta: dict, ir: bool, encoder_batch: int | None) -> None:
+    """meta.json (+ command, time, versions, graph shapes) into `tmp`, then every model file into
+    `out_dir`, meta.json last removed first so an incomplete dir never looks complete."""
+    ir_batch = encoder_batch if ir and encoder_batch else "batch"  # the ONNX keeps a dynamic batch
+    meta.update({
+        "command": "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("export.py") else None,
+        "ir": ir,
+        "exported_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "graphs": {"encoder": {"inputs": {"image": [ir_batch, 3, 256, 256]},
+                               "outputs": {"image_embedding": [ir_batch, 256, 64, 64]}},
+                   "decoder": {"inputs": {"image_embedding": [1, 256, 64, 64], "boxes": ["num_boxes", 4]},
+                               "outputs": {"low_res_logits": ["num_boxes", 1, 256, 256]}}},
+    })
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)  # an incomplete dir has no meta.json
+    for name in MODEL_FILES:
+        if (tmp / name).exists():
+            os.replace(tmp / name, out_dir / name)
+        elif name.endswith((".xml", ".bin")):
+            (out_dir / name).unlink(missing_ok=True)  # --no-ir: no stale IR of another model
+
+
+def reexport(src_dir: Path, out_dir: Path, ir: bool = True, encoder_batch: int | None = DEFAULT_ENCODER_BATCH) -> Path:
+    """Run the current ONNX passes and IR conversion again on an exported model dir's ONNX files (same
+    weights and scales, no torch model needed) into `out_dir`; its meta.json is carried over and updated."""
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    if not (src_dir / "meta.json").is_file() or not all((src_dir / f"{p}.onnx").is_file() for p in PARTS):
+        raise FileNotFoundError(f"{src_dir}: needs encoder.onnx, decoder.onnx and meta.json")
+    meta = json.loads((src_dir / "meta.json").read_text())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for name in PARTS:
+            shutil.copyfile(src_dir / f"{name}.onnx", tmp / f"{name}.onnx")
+            counts = finish_graph(tmp / f"{name}.onnx", name, True, ir, encoder_batch)
+            meta.setdefault("zero_points_dropped", {})[name] = counts["zero_points_dropped"]
+        meta.setdefault("reexported_from", []).append(
+            {"dir": str(src_dir), "exported_utc": meta.get("exported_utc"), "command": meta.get("command")})
+        write_meta_and_move(tmp, out_dir, meta, ir, encoder_batch)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -306,6 +349,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(model.reconstruct_blocks); 0 = calibration only")
     p.add_argument("--save-checkpoint", type=Path, default=None,
                    help="also save the quantized model as a train.py-style checkpoint (to start QAT from)")
+    p.add_argument("--from-onnx", type=Path, default=None, metavar="MODEL_DIR",
+                   help="no torch export: run the current ONNX passes and IR conversion again on MODEL_DIR's "
+                        "encoder/decoder.onnx (same weights and scales) and write them with its meta.json to --out")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     p.add_argument("--no-ir", action="store_true", help="write ONNX only, no OpenVINO IR")
     p.add_argument("--keep-clips", action="store_true",
@@ -339,6 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out or new_export_dir()
+    if args.from_onnx:
+        try:
+            reexport(args.from_onnx, out, ir=not args.no_ir, encoder_batch=args.encoder_batch or None)
+        except (FileNotFoundError, ValueError) as e:
+            say(f"error: {e}")
+            return 1
+        say(f"wrote {args.from_onnx}'s graphs, passed and converted again, to {out}")
+        return 0
     checkpoint = args.checkpoint
     if checkpoint is None and args.fp32:
         checkpoint = "published"

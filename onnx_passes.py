@@ -5,6 +5,7 @@ same function) and each there so a runtime sees int8 patterns it can run as int8
     fold_weight_clips         int8 weight → Clip(-127, 127) → DQ  ⇒  int8 weight → DQ
     fold_weight_layout        DQ → Transpose/Reshape chain  ⇒  the chain applied to the int8 weight
     split_fused_qkv           one fused qkv projection + Split  ⇒  three projections with their own Q/DQ
+    drop_zero_weight_zero_points  DQ(int8 weight, scale, zero point of zeros)  ⇒  DQ(int8 weight, scale)
     drop_unused_initializers  clean-up after the passes above
 
 Every pass takes an .onnx path, rewrites it in place and returns how many places it changed.
@@ -268,6 +269,35 @@ def split_fused_qkv(path: Path) -> int:
         drop_unused_initializers(g)  # the fused weights and biases, the split sizes
         onnx.save(m, str(path))
     return n_split
+
+
+def drop_zero_weight_zero_points(path: Path) -> int:
+    """Remove the zero-point input of every weight DequantizeLinear (integer initializer in) whose zero
+    point is all zeros, in place; returns how many. Exact: an absent zero point is zero.
+
+    Brevitas writes a zero-point tensor per layer and the exporter merges equal ones, so one zeros
+    vector serves, say, a merge convolution and the FullyConnected layers of the same width. OpenVINO
+    keeps such a shared Subtract on the weight path at a static input shape, takes those layers for
+    compressed-weight FullyConnected / float convolutions, and runs them in bf16 (f32) with fake-quantized
+    inputs: 16 of the encoder's 60 FullyConnected and 4 of its convolutions (see the runtime precision test)."""
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    dropped = 0
+    for n in g.node:
+        if (n.op_type != "DequantizeLinear" or len(n.input) < 3 or n.input[0] not in inits
+                or n.input[2] not in inits):
+            continue
+        if numpy_helper.to_array(inits[n.input[0]]).dtype.kind in "iu" and not numpy_helper.to_array(
+                inits[n.input[2]]).any():
+            del n.input[2]
+            dropped += 1
+    if dropped:
+        drop_unused_initializers(g)
+        onnx.save(m, str(path))
+    return dropped
 
 
 def check_onnx(path: Path) -> None:

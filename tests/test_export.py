@@ -416,3 +416,36 @@ def test_default_export_gives_a_static_batch_1_encoder_ir_and_keeps_the_onnx_dyn
     assert ir.inputs[0].get_partial_shape().is_static and list(ir.inputs[0].get_shape()) == [1, 3, 256, 256]
     dims = onnx.load(str(qcdq["dir"] / "encoder.onnx")).graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch"
+
+
+@pytest.mark.slow
+def test_every_quantized_encoder_layer_runs_int8_at_the_static_shape(qcdq):
+    """With the static batch-1 encoder IR (what infer.py compiles), OpenVINO runs every FullyConnected in
+    int8 at infer.py's default precision; with the exporter's shared zero-point vectors left in the
+    weight path, 16 of them (attn.proj and mlp.fc2 of stages 2-3) ran in bf16 instead."""
+    import openvino as ov
+    cm = ov.Core().compile_model(str(qcdq["dir"] / "encoder.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    fc = Counter(op.get_rt_info()["runtimePrecision"].astype(str) for op in cm.get_runtime_model().get_ordered_ops()
+                 if op.get_rt_info()["layerType"].astype(str) == "FullyConnected")
+    print(f"encoder FullyConnected by runtime precision: {dict(fc)}")
+    assert sum(fc.values()) == 60 and fc["i8"] == 60  # q, k, v, proj, fc1, fc2 of 10 TinyViT blocks
+
+
+@pytest.mark.slow
+def test_from_onnx_reruns_the_passes_on_an_exported_dir(qcdq, sample_q, tmp_path, capsys):
+    """export.py --from-onnx: the same graphs through the current passes and IR conversion into a new dir,
+    meta.json carried over with where it came from; the encoder computes the same embedding; a dir
+    without ONNX files is one line and exit 1."""
+    import openvino as ov
+    out = tmp_path / "again"
+    assert export.main(["--from-onnx", str(qcdq["dir"]), "--out", str(out)]) == 0
+    meta, src_meta = (json.loads((d / "meta.json").read_text()) for d in (out, qcdq["dir"]))
+    assert meta["reexported_from"][-1]["dir"] == str(qcdq["dir"]) and meta["quantizers"] == src_meta["quantizers"]
+    assert meta["zero_points_dropped"] == {"encoder": 0, "decoder": 0}  # the source had them dropped already
+    emb = [ov.Core().compile_model(str(d / "encoder.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(
+        {"image": sample_q[0]})[0] for d in (qcdq["dir"], out)]
+    np.testing.assert_array_equal(emb[0], emb[1])
+    capsys.readouterr()
+    assert export.main(["--from-onnx", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing" in err[0] and "encoder.onnx" in err[0]

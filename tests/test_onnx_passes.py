@@ -117,3 +117,37 @@ def test_fold_weight_layout_is_exact_and_lets_openvino_run_int8(tmp_path):
     print(f"FullyConnected runtime precision: laid out after DQ {before_prec}, folded {after_prec}")
     assert after_prec and all(p in ("u8", "i8") for p in after_prec)
     assert onnx_passes.fold_weight_layout(path) == 0  # idempotent
+
+
+def test_drop_zero_weight_zero_points_is_exact_and_leaves_other_zero_points(tmp_path):
+    """Two weight DQs sharing one zeros vector (as the exporter merges them) lose it; a weight DQ with a
+    non-zero zero point and the activation Q/DQ keep theirs; ONNX Runtime gives bit-identical outputs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(4)
+    c = 16
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (c, c)).astype(np.int8), f"w{k}") for k in range(3)]
+    inits += [numpy_helper.from_array(rng.uniform(1e-3, 5e-3, c).astype(np.float32), "w_scale"),
+              numpy_helper.from_array(np.zeros(c, np.int8), "zeros"),
+              numpy_helper.from_array(np.full(c, 3, np.int8), "threes"),
+              numpy_helper.from_array(np.float32(0.02), "x_scale"), numpy_helper.from_array(np.int8(0), "x_zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["h0"])]
+    for k, zp in enumerate(("zeros", "zeros", "threes")):
+        nodes += [helper.make_node("DequantizeLinear", [f"w{k}", "w_scale", zp], [f"wd{k}"], axis=0),
+                  helper.make_node("MatMul", [f"h{k}", f"wd{k}"], [f"h{k + 1}"])]
+    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, c])],
+                          [helper.make_tensor_value_info("h3", TensorProto.FLOAT, [1, 8, c])], inits)
+    path = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = np.random.default_rng(5).normal(size=(1, 8, c)).astype(np.float32)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    before = run(path)
+    assert onnx_passes.drop_zero_weight_zero_points(path) == 2
+    onnx_passes.check_onnx(path)
+    dqs = [n for n in onnx.load(str(path)).graph.node if n.op_type == "DequantizeLinear"]
+    assert [list(n.input[2:]) for n in dqs] == [["x_zp"], [], [], ["threes"]]
+    assert "zeros" not in {t.name for t in onnx.load(str(path)).graph.initializer}
+    np.testing.assert_array_equal(run(path), before)
+    assert onnx_passes.drop_zero_weight_zero_points(path) == 0  # idempotent
