@@ -275,7 +275,7 @@ def finish_graph(onnx_path: Path, name: str, split_qkv: bool, ir: bool, encoder_
 
 def write_meta_and_move(tmp: Path, out_dir: Path, meta: dict, ir: bool, encoder_batch: int | None) -> None:
     """meta.json (+ command, time, versions, graph shapes) into `tmp`, then every model file into
-    `out_dir`, meta.json last removed first so an incomplete dir never looks complete."""
+    `out_dir`; the old meta.json goes first and the new one comes last, so an incomplete dir has none."""
     ir_batch = encoder_batch if ir and encoder_batch else "batch"  # the ONNX keeps a dynamic batch
     meta.update({
         "command": "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("export.py") else None,

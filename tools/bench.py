@@ -1,7 +1,7 @@
 """Speed, memory and accuracy of the inference paths, side by side in one run.
 
-    python bench.py                       # all rows on the synthetic benchmark set + the dev set
-    python bench.py --sets bench --rows a,d --repeats 3
+    python -m tools.bench                 # all rows on the synthetic benchmark set + the dev set
+    python -m tools.bench --sets bench --rows a,d --repeats 3
 
 Rows (each runs in its own subprocess, one after another, so each peak RSS is its own):
   a  fp32 PyTorch LiteMedSAM through our pipeline (the baseline path)
