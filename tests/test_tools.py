@@ -68,3 +68,15 @@ def test_committed_bench_list_names_dev_set_cases(tmp_path):
 
     root = bench.list_set(REPO / "tools" / "bench_cases.txt", REPO / "devset", tmp_path)
     assert len(list((root / "imgs").iterdir())) == len(list((root / "gts").iterdir())) == 51
+
+
+def test_product_code_never_imports_tools():
+    """The top-level scripts (what the Docker image and train/export users run) stand without tools/."""
+    import ast
+    product = sorted(REPO.glob("*.py"))
+    assert {p.name for p in product} >= {"data.py", "model.py", "infer.py", "export.py", "train.py"}
+    for path in product:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "tools" or n.startswith("tools.") for n in names), f"{path.name} imports {names}"
