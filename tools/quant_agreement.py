@@ -39,16 +39,10 @@ def slices_of(case: infer.Case, per_volume: int) -> list[tuple[np.ndarray, np.nd
     return out
 
 
-def mask_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-mask IoU of binarised N×1×H×W logits (two empty masks agree fully)."""
-    a, b = a.reshape(len(a), -1) > 0, b.reshape(len(b), -1) > 0
-    inter, union = (a & b).sum(1), (a | b).sum(1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-
-
 def agreement(model_dir: Path, half: str, per_volume: int, precision: str, only: str = "") -> dict[str, list]:
     import torch
 
+    import losses
     import model as model_lib
     import train
     torch.set_num_threads(2)
@@ -68,8 +62,9 @@ def agreement(model_dir: Path, half: str, per_volume: int, precision: str, only:
             emb, emb_ref = net.encode(image), ref.encode(image)
             for start in range(0, len(boxes_256), infer.DEFAULT_BLOCK):
                 part = boxes_256[start:start + infer.DEFAULT_BLOCK]
-                per_modality.setdefault(modality, []).extend(
-                    mask_ious(net.decode(emb, part), ref.decode(emb_ref, part)).tolist())
+                ours, fp32 = net.decode(emb, part), ref.decode(emb_ref, part)
+                per_modality.setdefault(modality, []).extend(  # two empty masks agree fully
+                    losses.mask_iou(torch.from_numpy(ours), torch.from_numpy((fp32 > 0).astype(np.float32))).tolist())
         print(f"quant_agreement: {path.name}: mean IoU so far {np.mean(per_modality[modality]):.4f}",
               file=sys.stderr, flush=True)
     return per_modality
