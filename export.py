@@ -311,6 +311,8 @@ def reexport(src_dir: Path, out_dir: Path, ir: bool = True, encoder_batch: int |
             shutil.copyfile(src_dir / f"{name}.onnx", tmp / f"{name}.onnx")
             counts = finish_graph(tmp / f"{name}.onnx", name, True, ir, encoder_batch)
             meta.setdefault("zero_points_dropped", {})[name] = counts["zero_points_dropped"]
+            if counts["split_qkv"]:  # a graph exported with --keep-fused-qkv is split now
+                meta.setdefault("split_qkv", {})[name] = counts["split_qkv"]
         meta.setdefault("reexported_from", []).append(
             {"dir": str(src_dir), "exported_utc": meta.get("exported_utc"), "command": meta.get("command")})
         write_meta_and_move(tmp, out_dir, meta, ir, encoder_batch)
