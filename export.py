@@ -184,7 +184,8 @@ DEFAULT_ENCODER_BATCH = 1  # infer.py embeds one image / slice per call; a stati
 
 
 def to_ir(onnx_path: Path, xml_path: Path, batch: int | None = None) -> None:
-    """ONNX → OpenVINO IR (xml + bin), weights kept in f32 (precision is chosen at compile time); with
+    """ONNX → OpenVINO IR (xml + bin), weights kept in f32 (precision is chosen at compile time; f16-stored
+    weights measured 4–10 % slower at f32, decompressed as the FullyConnected run); with
     `batch`, the first input gets that static batch (so infer.py compiles the IR from its path, and a
     compiled-model cache hit never reads the graph).
 
@@ -212,9 +213,11 @@ def versions() -> dict[str, str]:
 
 def export_model(net: model_lib.LiteMedSAM, out_dir: str | os.PathLike, info: dict,
                  opset: int = DEFAULT_OPSET, ir: bool = True, fold_clips: bool = True,
-                 split_qkv: bool = True, encoder_batch: int | None = DEFAULT_ENCODER_BATCH) -> Path:
+                 split_qkv: bool = True, encoder_batch: int | None = DEFAULT_ENCODER_BATCH,
+                 keep_onnx: bool = True) -> Path:
     """Write encoder/decoder ONNX (+ IR) and meta.json into `out_dir`, atomically per file.
-    fold_clips / split_qkv: the fold_weight_clips / split_fused_qkv post-passes on QCDQ graphs."""
+    fold_clips / split_qkv: the fold_weight_clips / split_fused_qkv post-passes on QCDQ graphs;
+    keep_onnx False: the IR and meta.json only."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -239,6 +242,8 @@ def export_model(net: model_lib.LiteMedSAM, out_dir: str | os.PathLike, info: di
                 if n_clips:
                     say(f"{name}: folded {n_clips} weight Clips into their int8 initializers")
             counts = finish_graph(onnx_path, name, split_qkv, ir, encoder_batch)
+            if not keep_onnx:
+                onnx_path.unlink()
             split_counts[name], zero_points[name] = counts["split_qkv"], counts["zero_points_dropped"]
         meta = dict(info)
         meta["quantizers"] = count_quantizers(net)
@@ -293,8 +298,8 @@ def write_meta_and_move(tmp: Path, out_dir: Path, meta: dict, ir: bool, encoder_
     for name in MODEL_FILES:
         if (tmp / name).exists():
             os.replace(tmp / name, out_dir / name)
-        elif name.endswith((".xml", ".bin")):
-            (out_dir / name).unlink(missing_ok=True)  # --no-ir: no stale IR of another model
+        elif name.endswith((".xml", ".bin", ".onnx")):
+            (out_dir / name).unlink(missing_ok=True)  # no stale file of another model
 
 
 def reexport(src_dir: Path, out_dir: Path, ir: bool = True, encoder_batch: int | None = DEFAULT_ENCODER_BATCH) -> Path:
@@ -354,6 +359,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--from-onnx", type=Path, default=None, metavar="MODEL_DIR",
                    help="no torch export: run the current ONNX passes and IR conversion again on MODEL_DIR's "
                         "encoder/decoder.onnx (same weights and scales) and write them with its meta.json to --out")
+    p.add_argument("--fp32-fallback", action="store_true",
+                   help="also write OUT/fp32/: the published fp32 LiteMedSAM as IR (no ONNX), which infer.py runs "
+                        "instead on CPUs where int8 is slower (no AVX-512, no VNNI)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     p.add_argument("--no-ir", action="store_true", help="write ONNX only, no OpenVINO IR")
     p.add_argument("--keep-clips", action="store_true",
@@ -366,6 +374,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="static batch of the encoder IR (what infer.py runs); 0 = dynamic")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     return p.parse_args(argv)
+
+
+def write_fp32_fallback(out_dir: Path, opset: int = DEFAULT_OPSET,
+                        encoder_batch: int | None = DEFAULT_ENCODER_BATCH) -> Path:
+    """The published fp32 LiteMedSAM as OpenVINO IR (no ONNX) in `out_dir`: what
+    infer.choose_model_dir runs on CPUs without fast int8 kernels."""
+    say(f"fp32 fallback for CPUs without fast int8: {out_dir}")
+    net, info = load_checkpoint("published")
+    return export_model(net, out_dir, info, opset=opset, ir=True, encoder_batch=encoder_batch,
+                        keep_onnx=False)
 
 
 def latest_checkpoint(runs_dir: Path = REPO_DIR / "runs") -> Path | None:
@@ -390,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.from_onnx:
         try:
             reexport(args.from_onnx, out, ir=not args.no_ir, encoder_batch=args.encoder_batch or None)
+            if args.fp32_fallback and not args.no_ir:
+                write_fp32_fallback(out / "fp32", args.opset, args.encoder_batch or None)
         except (FileNotFoundError, ValueError) as e:
             say(f"error: {e}")
             return 1
@@ -421,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.save(model_lib.save_model_state(net), args.save_checkpoint)
         out = export_model(net, out, info, opset=args.opset, ir=not args.no_ir, fold_clips=not args.keep_clips,
                            split_qkv=not args.keep_fused_qkv, encoder_batch=args.encoder_batch or None)
+        if args.fp32_fallback and not args.no_ir:
+            write_fp32_fallback(out / "fp32", args.opset, args.encoder_batch or None)
     except (FileNotFoundError, ValueError) as e:
         say(f"error: {e}")
         return 1

@@ -175,7 +175,7 @@ class OpenVINOModel(Model):
         import openvino as ov
 
         super().__init__()
-        model_dir = Path(model_dir)
+        self.model_dir = model_dir = Path(model_dir)
         core = ov.Core()
         if cache_dir:
             try:
@@ -282,11 +282,51 @@ def _pick(names: list[str], name: str, index: int) -> str:
     return name if name in names else names[index]
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which int8 has no fast kernel: plain AVX2 and older
+_ISA_CAPS_WITHOUT_FAST_INT8 = ("SSE41", "AVX", "AVX2")
+
+
+def int8_pays(cpu_flags: set[str] | None = None, isa_cap: str | None = None) -> bool:
+    """Whether OpenVINO's int8 kernels beat its fp32 ones on this CPU: they need AVX-512 or a VNNI
+    extension (measured, f32 hint: int8 encoder 2.10× faster with AVX-512 VNNI, 1.47× with AVX-512 alone,
+    1.20× slower with AVX2 alone). cpu_flags: /proc/cpuinfo's (None: read them; unknown → True);
+    isa_cap: oneDNN's cap (None: $ONEDNN_MAX_CPU_ISA), which OpenVINO honours."""
+    if isa_cap is None:
+        isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    if isa_cap.upper() in _ISA_CAPS_WITHOUT_FAST_INT8:
+        return False
+    if cpu_flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                line = next((ln for ln in f if ln.startswith("flags")), "")
+        except OSError:
+            return True  # not Linux: nothing to go on, keep the int8 model
+        if not line:
+            return True
+        cpu_flags = set(line.split(":", 1)[1].split())
+    if isa_cap.upper().startswith("AVX2_VNNI"):
+        return "avx_vnni" in cpu_flags
+    return bool(cpu_flags & {"avx512_vnni", "avx_vnni", "amx_int8", "avx512bw"})
+
+
+def choose_model_dir(model_dir: Path, int8: str = "auto") -> Path:
+    """`model_dir`, or its fp32/ fallback (written by `export.py --fp32-fallback`) when int8 would run slower
+    than fp32 on this CPU (int8_pays) or int8 == "off"."""
+    fallback = Path(model_dir) / "fp32"
+    if int8 == "on" or not (fallback / "encoder.xml").is_file():
+        return Path(model_dir)
+    return fallback if int8 == "off" or not int8_pays() else Path(model_dir)
+
+
 def load_model(model_dir: Path, backend: str = "openvino", precision: str = "auto",
                threads: int | None = None, cache_dir: Path | None = DEFAULT_CACHE_DIR,
-               seed_cache_dir: Path | None = None) -> Model:
-    """The model of `model_dir` for `backend`; raises FileNotFoundError with a one-line how-to-fix."""
+               seed_cache_dir: Path | None = None, int8: str = "auto") -> Model:
+    """The model of `model_dir` for `backend`; raises FileNotFoundError with a one-line how-to-fix.
+    int8 "auto" runs the int8 IR where it is the faster one, else the model dir's fp32/ fallback if it
+    has one (choose_model_dir); "on" / "off" force either."""
     model_dir = Path(model_dir)
+    if backend == "openvino":
+        model_dir = choose_model_dir(model_dir, int8)
     needed = ("encoder.xml", "decoder.xml") if backend == "openvino" else ("encoder.onnx", "decoder.onnx")
     missing = [n for n in needed if not (model_dir / n).is_file()]
     if missing:
@@ -872,6 +912,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("f32", "bf16", "auto"), default="auto",
                    help="OpenVINO INFERENCE_PRECISION_HINT; auto = OpenVINO's default for this CPU")
     p.add_argument("--backend", choices=("openvino", "onnxruntime"), default="openvino", help="inference runtime")
+    p.add_argument("--int8", choices=("auto", "on", "off"), default=os.environ.get("QMEDSAM_INT8", "auto"),
+                   help="auto: the int8 IR where this CPU runs int8 fast (AVX-512 or VNNI), else the model dir's "
+                        "fp32/ IR if it has one; on / off force either (env QMEDSAM_INT8)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="inference threads; none = the runtime's choice")
     p.add_argument("--3d-prompt", dest="prompt_3d", choices=PROMPT_3D_MODES, default=None,
@@ -969,7 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
     say = early.append
     if args.compile_only:
         try:
-            model = load_model(args.model, args.backend, args.precision, args.threads, args.cache_dir or None)
+            model = load_model(args.model, args.backend, args.precision, args.threads, args.cache_dir or None,
+                               int8=args.int8)
         except Exception as e:
             print(f"infer: error: cannot load the model from {args.model}: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
@@ -1005,7 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
     # the model compiles in the background while the first case is read (OpenVINO releases the GIL)
     pool = ThreadPoolExecutor(max_workers=1)
     pending = pool.submit(load_model, args.model, args.backend, args.precision, args.threads,
-                          args.cache_dir or None, args.seed_cache) if todo else None
+                          args.cache_dir or None, args.seed_cache, args.int8) if todo else None
     progress = _Progress(todo, args.quiet)
     for msg in early:
         progress.say(msg)
@@ -1039,7 +1083,8 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
                 t_ready = time.perf_counter()
                 cached = getattr(model, "from_cache", None)
-                info(f"infer: {args.backend} model {args.model}, inference precision {model.precision}"
+                used = getattr(model, "model_dir", args.model)  # the fp32/ fallback on CPUs without fast int8
+                info(f"infer: {args.backend} model {used}, inference precision {model.precision}"
                      f"{' (auto)' if args.precision == 'auto' and args.backend == 'openvino' else ''}, block "
                      f"{args.block}{'' if cached is None else ', compiled from cache' if cached else ', compiled'}")
                 t_loaded = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -449,3 +450,27 @@ def test_from_onnx_reruns_the_passes_on_an_exported_dir(qcdq, sample_q, tmp_path
     assert export.main(["--from-onnx", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing" in err[0] and "encoder.onnx" in err[0]
+
+
+@pytest.mark.slow
+def test_fp32_fallback_is_an_f16_ir_that_infer_runs_where_int8_is_slow(qcdq, sample_q, tmp_path, monkeypatch):
+    """export.py --fp32-fallback writes OUT/fp32 (IR + meta.json, no ONNX) of fp32 LiteMedSAM; infer.py runs
+    it under an AVX2 cap and the int8 IR otherwise."""
+    out = tmp_path / "model"
+    shutil.copytree(qcdq["dir"], out)
+    export.write_fp32_fallback(out / "fp32")
+    assert sorted(p.name for p in (out / "fp32").iterdir()) == sorted(
+        n for n in export.MODEL_FILES if not n.endswith(".onnx"))
+    meta = json.loads((out / "fp32" / "meta.json").read_text())
+    assert meta["quantized"] == {"encoder": False, "decoder": False}
+    assert 'element_type="i8"' not in (out / "fp32" / "encoder.xml").read_text()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    m = infer.load_model(out, "openvino", precision="f32", cache_dir=None)
+    assert m.model_dir == out / "fp32"
+    assert infer.load_model(out, "openvino", precision="f32", cache_dir=None, int8="on").model_dir == out
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert infer.load_model(out, "openvino", precision="f32", cache_dir=None).model_dir == out
+    assert infer.load_model(out, "openvino", precision="f32", cache_dir=None, int8="off").model_dir == out / "fp32"
+    image, boxes_256 = sample_q
+    logits = m.decode(m.encode(image), boxes_256)
+    assert mask_iou(logits, qcdq["logits_fp32"]) >= 0.999  # fp32 LiteMedSAM's masks

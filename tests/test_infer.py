@@ -669,3 +669,30 @@ def test_interpolated_masks_move_between_the_two_shapes():
     assert 40 < centres[0][0] < centres[1][0] < centres[2][0] < 44
     assert 40 < centres[0][1] < centres[1][1] < centres[2][1] < 46
     assert not any(m.any() for m in infer.interpolate_masks(np.zeros_like(a), np.zeros_like(a), 2))
+
+
+@pytest.mark.parametrize("flags, cap, expected", [
+    ({"avx2", "avx512bw", "avx512_vnni"}, "", True),    # this machine: AVX-512 VNNI
+    ({"avx2", "avx512bw"}, "", True),                   # Skylake-SP/W: AVX-512 without VNNI, int8 still faster
+    ({"avx2", "avx_vnni"}, "", True),                   # Alder Lake and later laptops: VEX VNNI
+    ({"avx2", "fma"}, "", False),                       # plain AVX2: int8 measured slower than fp32
+    ({"avx2", "avx512bw", "avx512_vnni"}, "AVX2", False),
+    ({"avx2", "avx512bw", "avx512_vnni"}, "avx2", False),
+    ({"avx2", "avx512bw", "avx512_vnni"}, "AVX512_CORE", True),
+    ({"avx2", "avx512bw", "avx512_vnni"}, "AVX2_VNNI", False),  # the cap leaves no VNNI this CPU has
+    ({"avx2", "avx_vnni"}, "AVX2_VNNI", True),
+])
+def test_int8_pays_follows_cpu_flags_and_the_onednn_cap(flags, cap, expected):
+    assert infer.int8_pays(flags, cap) is expected
+
+
+def test_choose_model_dir_falls_back_to_fp32_only_when_there_is_one(tmp_path, monkeypatch):
+    (tmp_path / "encoder.xml").touch()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert infer.choose_model_dir(tmp_path) == tmp_path  # no fp32/: the int8 model, slow or not
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "fp32" / "encoder.xml").touch()
+    assert infer.choose_model_dir(tmp_path) == tmp_path / "fp32"
+    assert infer.choose_model_dir(tmp_path, "on") == tmp_path
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert infer.choose_model_dir(tmp_path, "off") == tmp_path / "fp32"
