@@ -80,3 +80,41 @@ def test_product_code_never_imports_tools():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "tools" or n.startswith("tools.") for n in names), f"{path.name} imports {names}"
+
+
+def test_distill_splits_the_encoder_exactly_where_the_float_prefix_ends():
+    import torch
+
+    import model as model_lib
+    from tools import distill
+    torch.manual_seed(0)
+    student = model_lib.build_model(None, quant_encoder=True, quant_decoder=False)
+    assert distill.first_quantized_stage(student) == 1  # patch embedding and stage 0 float by default
+    everything = model_lib.build_model(None, quant_encoder=True, float_layers=())
+    assert distill.first_quantized_stage(everything) == -1
+    teacher = model_lib.build_model(None).eval()
+    image = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        whole = teacher.encode(image)
+        enc = teacher.image_encoder
+        split = distill.encoder_suffix(enc, distill.encoder_prefix(enc, image, 1), 1)
+        assert torch.equal(distill.encoder_prefix(teacher.image_encoder, image, -1), image)
+    assert torch.allclose(split, whole, atol=1e-6)
+
+
+def test_distill_schedule_warms_up_from_one_percent_and_ends_at_a_thousandth():
+    from tools import distill
+    assert distill.lr_factor(0, 100, 5) == pytest.approx(0.01)
+    assert distill.lr_factor(5, 100, 5) == pytest.approx(1.0)
+    assert distill.lr_factor(100, 100, 5) == pytest.approx(0.001)
+    factors = [distill.lr_factor(s, 100, 5) for s in range(5, 101)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
+def test_distill_trains_on_the_tune_half_only():
+    import data
+    from tools import distill
+    samples = distill.tune_samples(REPO / "devset" / "imgs", "tune", per_volume=1)
+    names = {name for _, _, name in samples}
+    assert names and all(data.half_of(REPO / "devset" / "imgs" / n) == "tune" for n in names)
+    assert all(img.shape == (3, 256, 256) and len(bx) > 0 and bx.shape[1] == 4 for img, bx, _ in samples)
