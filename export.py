@@ -315,7 +315,8 @@ def reexport(src_dir: Path, out_dir: Path, ir: bool = True, encoder_batch: int |
         for name in PARTS:
             shutil.copyfile(src_dir / f"{name}.onnx", tmp / f"{name}.onnx")
             counts = finish_graph(tmp / f"{name}.onnx", name, True, ir, encoder_batch)
-            meta.setdefault("zero_points_dropped", {})[name] = counts["zero_points_dropped"]
+            dropped = meta.setdefault("zero_points_dropped", {})
+            dropped[name] = dropped.get(name, 0) + counts["zero_points_dropped"]  # over every pass it has had
             if counts["split_qkv"]:  # a graph exported with --keep-fused-qkv is split now
                 meta.setdefault("split_qkv", {})[name] = counts["split_qkv"]
         meta.setdefault("reexported_from", []).append(
