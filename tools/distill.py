@@ -1,4 +1,4 @@
-"""Cached-teacher distillation of a calibrated int8 LiteMedSAM on a CPU budget (the paper's stage 1 and 2,
+"""Cached-teacher distillation of a calibrated int8 LiteMedSAM's encoder on a CPU budget (the paper's stage 1,
 teacher = fp32 LiteMedSAM, with the teacher's work done once instead of every step).
 
     python -m tools.distill --checkpoint runs/ptq.pth --out runs/distilled.pth --epochs 3
@@ -10,10 +10,9 @@ teacher = fp32 LiteMedSAM, with the teacher's work done once instead of every st
    of the first quantized encoder stage, which the teacher and the student compute alike when everything
    before it is float (patch embedding and stage 0 in the default float list), so the student's steps
    skip that third of the encoder.
-3. Encoder (stage 1): the quantized stages and neck (weights, biases, norms, learned activation scales;
-   straight-through rounding) minimise the MSE between the student's and the teacher's embeddings.
-4. Decoder (stage 2, --decoder-epochs): on the student's own embeddings, the quantized decoder minimises
-   the binary cross-entropy between its logits and the teacher's mask probabilities.
+3. The quantized stages and neck (weights, biases, norms, learned activation scales; straight-through
+   rounding) minimise the MSE between the student's and the teacher's embeddings; the teacher's masks
+   only monitor (mask IoU of the held-out samples, through the student's decoder).
 AdamW, warm-up from 1 % then cosine to 0.1 % of --lr, as the paper schedules. Writes a train.py-style
 checkpoint that export.py reads (--checkpoint).
 """
@@ -121,11 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=REPO / "devset" / "imgs", help="dev-set images")
     p.add_argument("--slices", type=int, default=12, help="slices per 3D volume")
     p.add_argument("--epochs", type=int, default=3, help="encoder epochs over the cached samples")
-    p.add_argument("--decoder-epochs", type=int, default=0, help="decoder epochs after the encoder's")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (encoder)")
-    p.add_argument("--decoder-lr", type=float, default=1e-5, help="peak learning rate (decoder)")
-    p.add_argument("--max-boxes", type=int, default=8, help="boxes per sample kept for the decoder")
+    p.add_argument("--max-boxes", type=int, default=8, help="boxes per sample kept for the mask monitor")
     p.add_argument("--holdout", type=int, default=8, help="every k-th sample only monitors (0: none)")
     p.add_argument("--cache", type=Path, default=None,
                    help="teacher cache file: read if it exists (same samples), else written after computing it")
@@ -227,20 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     if start < 0:
         enc_params = list(student.image_encoder.parameters())
     run_stage("encoder", enc_params, cfg.epochs, cfg.lr, encoder_loss)
-
-    if cfg.decoder_epochs > 0:
-        with torch.no_grad():
-            emb_s = [student_embedding([i]).half() for i in range(n)]
-
-        def decoder_loss(idx: list[int]) -> torch.Tensor:
-            total = 0.0
-            for i in idx:
-                logits = student.decode(emb_s[i].float(), boxes[i])
-                total = total + F.binary_cross_entropy_with_logits(logits, torch.sigmoid(logits_t[i].float()))
-            return total / len(idx)
-
-        run_stage("decoder", list(student.mask_decoder.parameters()), cfg.decoder_epochs, cfg.decoder_lr,
-                  decoder_loss)
 
     save("done")
     log(f"wrote {cfg.out}")
