@@ -102,15 +102,6 @@ def test_distill_splits_the_encoder_exactly_where_the_float_prefix_ends():
     assert torch.allclose(split, whole, atol=1e-6)
 
 
-def test_distill_schedule_warms_up_from_one_percent_and_ends_at_a_thousandth():
-    from tools import distill
-    assert distill.lr_factor(0, 100, 5) == pytest.approx(0.01)
-    assert distill.lr_factor(5, 100, 5) == pytest.approx(1.0)
-    assert distill.lr_factor(100, 100, 5) == pytest.approx(0.001)
-    factors = [distill.lr_factor(s, 100, 5) for s in range(5, 101)]
-    assert all(a >= b for a, b in zip(factors, factors[1:]))
-
-
 def test_distill_trains_on_the_tune_half_only():
     import data
     from tools import distill

@@ -19,7 +19,6 @@ checkpoint that export.py reads (--checkpoint).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import data
 import infer
 import losses
 import model as model_lib
+from train import lr_at, save_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,21 +98,6 @@ def encoder_suffix(encoder, x: torch.Tensor, start: int) -> torch.Tensor:
     return encoder.neck(model_lib.tokens_to_map(x, encoder.embed_size, encoder.embed_size))
 
 
-def save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Warm-up from 1 % to 100 % over `warmup` steps, then cosine down to 0.1 %."""
-    if step < warmup:
-        return 0.01 + 0.99 * step / max(warmup, 1)
-    t = (step - warmup) / max(total - warmup, 1)
-    return 0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * t))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="calibrated int8 checkpoint (export.py --save-checkpoint)")
@@ -161,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 boxes.append(b)
                 logits_t.append(teacher.decode(e, b).half())
         if cfg.cache:
+            cfg.cache.parent.mkdir(parents=True, exist_ok=True)
             save_atomic({"key": key, "prefix": prefix, "emb_t": emb_t, "boxes": boxes, "logits_t": logits_t},
                         cfg.cache)
     log(f"teacher cache: {sum(t.numel() for t in prefix + emb_t + logits_t) * 2 / 1e9:.2f} GB")
@@ -188,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         state = model_lib.save_model_state(student)
         state["distill"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}
         state["distill"]["progress"] = progress
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
         save_atomic(state, cfg.out)
 
     def run_stage(name: str, params: list, epochs: int, lr: float, loss_of) -> None:
@@ -196,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         per_epoch = len(train_idx) // cfg.batch_size
         total, step = per_epoch * epochs, 0
+        warmup = max(1, total // 20)
         gen = torch.Generator().manual_seed(cfg.seed)
         log(f"{name}: before: held-out embedding MSE {held_mse():.4g}, mask IoU vs fp32 {held_iou():.4f}")
         for epoch in range(epochs):
@@ -204,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             running = []
             for k in range(per_epoch):
                 for group in opt.param_groups:
-                    group["lr"] = lr * lr_factor(step, total, warmup=max(1, total // 20))
+                    group["lr"] = lr_at(step, lr, warmup, total - warmup + 1)  # in steps: 1 % → 100 % → 0.1 %
                 loss = loss_of(order[k * cfg.batch_size:(k + 1) * cfg.batch_size])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
