@@ -34,6 +34,7 @@ import data
 import infer
 import losses
 import model as model_lib
+from tools.quant_agreement import slices_of
 from train import lr_at, save_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,18 +48,12 @@ def tune_samples(root: Path, half: str, per_volume: int) -> list[tuple[np.ndarra
             continue
         case = infer.load_case(path)
         pipe, modality = infer.resolve_pipeline(case), case.modality
-        boxes = case.boxes[case.valid]
-        views = []
-        if case.is_3d:
-            z_lo, z_hi = int(boxes[:, 2].min()), int(boxes[:, 5].max())
-            for z in np.unique(np.linspace(z_lo, z_hi, per_volume + 2)[1:-1].round().astype(int)):
-                on = (boxes[:, 2] <= z) & (z <= boxes[:, 5])
-                views.append((case.imgs[z], boxes[on][:, [0, 1, 3, 4]]))
-        else:
-            width = case.imgs.shape[1]
+        views = slices_of(case, per_volume)  # the 2D image, or slices spread over the 3D boxes' z-range
+        if not case.is_3d:
+            img, boxes = views[0]
             flipped = boxes.copy()
-            flipped[:, [0, 2]] = width - boxes[:, [2, 0]]
-            views += [(case.imgs, boxes), (np.ascontiguousarray(case.imgs[:, ::-1]), flipped)]
+            flipped[:, [0, 2]] = img.shape[1] - boxes[:, [2, 0]]
+            views.append((np.ascontiguousarray(img[:, ::-1]), flipped))
         for img, bx in views:
             if len(bx) == 0:
                 continue
