@@ -102,6 +102,23 @@ def test_distill_splits_the_encoder_exactly_where_the_float_prefix_ends():
     assert torch.allclose(split, whole, atol=1e-6)
 
 
+def test_distill_epochs_draw_each_modality_equally_without_repeats():
+    import collections
+
+    import numpy as np
+
+    from tools import distill
+    modality = ["CT"] * 30 + ["MR"] * 7 + ["Microscopy"] * 4 + ["US"] * 9
+    train = [i for i in range(len(modality)) if i % 8]  # with gaps, as the held-out samples leave them
+    rng = np.random.default_rng(0)
+    epochs = [distill.epoch_order(train, modality, "min", rng) for _ in range(100)]
+    for order in epochs:
+        assert len(order) == len(set(order)) and set(order) <= set(train)
+        assert set(collections.Counter(modality[i] for i in order).values()) == {3}  # Ns(m): the smallest, Microscopy
+    assert {i for order in epochs for i in order} == set(train)  # over epochs every CT sample comes round
+    assert sorted(distill.epoch_order(train, modality, "all", rng)) == train
+
+
 def test_distill_trains_on_the_tune_half_only():
     import data
     from tools import distill

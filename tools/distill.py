@@ -19,6 +19,7 @@ checkpoint that export.py reads (--checkpoint).
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,19 @@ def encoder_prefix(encoder, image: torch.Tensor, start: int) -> torch.Tensor:
     return x
 
 
+def epoch_order(train_idx: list[int], modality: list[str], strategy: str, rng: np.random.Generator) -> list[int]:
+    """One epoch's training samples, shuffled: every sample once ("all"), or the paper's balanced sampler,
+    Ns(m) distinct samples of each modality m (data.samples_per_modality: "min" or "max10")."""
+    if strategy == "all":
+        return [train_idx[j] for j in rng.permutation(len(train_idx))]
+    groups: dict[str, list[int]] = {}
+    for i in train_idx:
+        groups.setdefault(modality[i], []).append(i)
+    ns = data.samples_per_modality({m: len(g) for m, g in groups.items()}, strategy)
+    picked = [i for m, g in groups.items() for i in rng.choice(g, size=ns[m], replace=False).tolist()]
+    return [picked[j] for j in rng.permutation(len(picked))]
+
+
 def encoder_suffix(encoder, x: torch.Tensor, start: int) -> torch.Tensor:
     """The rest of the encoder from stage `start`'s input to the image embedding."""
     if start < 0:
@@ -100,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=REPO / "devset" / "imgs", help="dev-set images")
     p.add_argument("--slices", type=int, default=12, help="slices per 3D volume")
     p.add_argument("--epochs", type=int, default=3, help="encoder epochs over the cached samples")
+    p.add_argument("--sampler", choices=("min", "max10", "all"), default="min",
+                   help="per epoch: Ns(m) samples per modality (balanced sampler's strategy), or all samples")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (encoder)")
     p.add_argument("--max-boxes", type=int, default=8, help="boxes per sample kept for the mask monitor")
@@ -148,21 +164,22 @@ def main(argv: list[str] | None = None) -> int:
     n = len(samples)
     held = [i for i in range(n) if cfg.holdout and i % cfg.holdout == 0]
     train_idx = [i for i in range(n) if i not in set(held)]
+    modality = [data.modality_of(s[2]) for s in samples]
 
-    def student_embedding(idx: list[int]) -> torch.Tensor:
-        return encoder_suffix(student.image_encoder, torch.cat([prefix[i] for i in idx]).float(), start)
+    def student_embedding(i: int) -> torch.Tensor:
+        return encoder_suffix(student.image_encoder, prefix[i].float(), start)
 
-    def held_mse() -> float:
+    def held_out() -> str:
+        """Embedding MSE and mask IoU vs the fp32 teacher over the held-out samples."""
+        mse, ious = [], []
         with torch.no_grad():
-            return float(np.mean([F.mse_loss(student_embedding([i]), emb_t[i].float()).item() for i in held]))
-
-    def held_iou() -> float:
-        with torch.no_grad():
-            ious = []
             for i in held:
-                logits = student.decode(student_embedding([i]), boxes[i])
-                ious += losses.mask_iou(logits, (logits_t[i] > 0).float()).tolist()
-            return float(np.mean(ious))
+                emb = student_embedding(i)
+                mse.append(F.mse_loss(emb, emb_t[i].float()).item())
+                ious += losses.mask_iou(student.decode(emb, boxes[i]), (logits_t[i] > 0).float()).tolist()
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+        return (f"held-out embedding MSE {np.mean(mse):.4g}, mask IoU vs fp32 {np.mean(ious):.4f}; "
+                f"peak RSS {peak_gb:.1f} GB")
 
     def save(progress: str) -> None:
         """The student as it is now, a checkpoint export.py reads; rewritten after every epoch."""
@@ -172,41 +189,36 @@ def main(argv: list[str] | None = None) -> int:
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
         save_atomic(state, cfg.out)
 
-    def run_stage(name: str, params: list, epochs: int, lr: float, loss_of) -> None:
-        if epochs <= 0 or not params:
-            return
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        per_epoch = len(train_idx) // cfg.batch_size
-        total, step = per_epoch * epochs, 0
-        warmup = max(1, total // 20)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        log(f"{name}: before: held-out embedding MSE {held_mse():.4g}, mask IoU vs fp32 {held_iou():.4f}")
-        for epoch in range(epochs):
-            order = [train_idx[j] for j in torch.randperm(len(train_idx), generator=gen).tolist()]
-            student.train()
-            running = []
-            for k in range(per_epoch):
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, lr, warmup, total - warmup + 1)  # in steps: 1 % → 100 % → 0.1 %
-                loss = loss_of(order[k * cfg.batch_size:(k + 1) * cfg.batch_size])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                running.append(loss.item())
-                step += 1
-            student.eval()
-            save(f"{name} epoch {epoch + 1}")
-            log(f"{name} epoch {epoch + 1}/{epochs}: train loss {np.mean(running):.4g}; held-out embedding "
-                f"MSE {held_mse():.4g}, mask IoU vs fp32 {held_iou():.4f}")
-
-    def encoder_loss(idx: list[int]) -> torch.Tensor:
-        return F.mse_loss(student_embedding(idx), torch.cat([emb_t[i] for i in idx]).float())
-
     enc_params = [p for layer in student.image_encoder.layers[max(start, 0):] for p in layer.parameters()]
     enc_params += list(student.image_encoder.neck.parameters())
     if start < 0:
         enc_params = list(student.image_encoder.parameters())
-    run_stage("encoder", enc_params, cfg.epochs, cfg.lr, encoder_loss)
+    opt = torch.optim.AdamW(enc_params, lr=cfg.lr, weight_decay=0.0)
+    per_epoch = len(epoch_order(train_idx, modality, cfg.sampler, np.random.default_rng(0))) // cfg.batch_size
+    total, step = per_epoch * cfg.epochs, 0
+    warmup = max(1, total // 20)
+    log(f"before: {held_out()}")
+    for epoch in range(cfg.epochs):
+        order = epoch_order(train_idx, modality, cfg.sampler, np.random.default_rng([cfg.seed, epoch]))
+        student.train()
+        running = []
+        for k in range(per_epoch):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg.lr, warmup, total - warmup + 1)  # in steps: 1 % → 100 % → 0.1 %
+            batch = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = 0.0
+            # one sample's graph at a time: a batch of 4 through the fake-quantized stages peaked near 19 GB
+            for i in batch:
+                part = F.mse_loss(student_embedding(i), emb_t[i].float()) / len(batch)
+                part.backward()
+                loss += part.item()
+            opt.step()
+            running.append(loss)
+            step += 1
+        student.eval()
+        save(f"epoch {epoch + 1}")
+        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {np.mean(running):.4g}; {held_out()}")
 
     save("done")
     log(f"wrote {cfg.out}")
