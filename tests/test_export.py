@@ -454,6 +454,25 @@ def test_from_onnx_reruns_the_passes_on_an_exported_dir(qcdq, sample_q, tmp_path
 
 
 @pytest.mark.slow
+def test_a_model_dir_turns_back_into_the_checkpoint_that_exports_it(qcdq, tmp_path):
+    """tools/onnx_to_checkpoint: a checkpoint calibrated on another image (other activation scales and
+    bias corrections, same weights) takes the dir's numbers and re-exports to the dir's IR, byte for byte."""
+    from tools import onnx_to_checkpoint
+    other = phantoms.make_synthetic_case("2D", n_objects=3, seed=11)
+    data.write_case(tmp_path / "calib" / "2DBox_Microscopy_other_0000.npz", other)
+    like_net, _ = export.build_ptq_model(tmp_path / "calib", 1)
+    like = tmp_path / "like.pth"
+    torch.save(model_lib.save_model_state(like_net), like)
+    proxy = "image_encoder.layers.1.blocks.0.attn.qkv.input_quant"
+    scales = [act_scale(dict(n.named_modules())[proxy]) for n in (like_net, qcdq["net"])]
+    assert abs(scales[0] / scales[1] - 1) > 1e-3  # the start really differs from the dir's model
+    out = tmp_path / "back.pth"
+    assert onnx_to_checkpoint.main([str(qcdq["dir"]), "--like", str(like), "--out", str(out), "--verify"]) == 0
+    net, _ = export.load_checkpoint(str(out))
+    assert act_scale(dict(net.named_modules())[proxy]) == scales[1]
+
+
+@pytest.mark.slow
 def test_fp32_fallback_is_an_f16_ir_that_infer_runs_where_int8_is_slow(qcdq, sample_q, tmp_path, monkeypatch):
     """export.py --fp32-fallback writes OUT/fp32 (IR + meta.json, no ONNX) of fp32 LiteMedSAM; infer.py runs
     it under an AVX2 cap and the int8 IR otherwise."""
