@@ -456,7 +456,7 @@ def test_from_onnx_reruns_the_passes_on_an_exported_dir(qcdq, sample_q, tmp_path
 @pytest.mark.slow
 def test_a_model_dir_turns_back_into_the_checkpoint_that_exports_it(qcdq, tmp_path):
     """tools/onnx_to_checkpoint: a checkpoint calibrated on another image (other activation scales and
-    bias corrections, same weights) takes the dir's numbers and re-exports to the dir's IR, byte for byte."""
+    bias corrections, same weights) takes the dir's numbers and re-exports to the dir's IR (weights byte for byte)."""
     from tools import onnx_to_checkpoint
     other = phantoms.make_synthetic_case("2D", n_objects=3, seed=11)
     data.write_case(tmp_path / "calib" / "2DBox_Microscopy_other_0000.npz", other)

@@ -48,9 +48,8 @@ def graph_numbers(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return values
 
 
-def activation_scales(graph: onnx.GraphProto, modules: dict) -> dict[str, float]:
-    """Module path of each activation quantizer → its scale in the graph."""
-    values = graph_numbers(graph)
+def activation_scales(graph: onnx.GraphProto, values: dict[str, np.ndarray], modules: dict) -> dict[str, float]:
+    """Module path of each activation quantizer → its scale in the graph (`values`: graph_numbers(graph))."""
     consumers: dict[str, list] = {}
     for n in graph.node:
         for i in n.input:
@@ -82,10 +81,9 @@ def set_scale(proxy, scale: float) -> None:
     raise ValueError(f"scale {scale} not reachable ({float(proxy.scale())})")
 
 
-def set_biases(graph: onnx.GraphProto, net: torch.nn.Module) -> int:
-    """Copy the graph's float biases into `net`; returns how many."""
+def set_biases(values: dict[str, np.ndarray], net: torch.nn.Module) -> int:
+    """Copy a graph's float biases (`values`: graph_numbers(graph)) into `net`; returns how many."""
     params, modules = dict(net.named_parameters()), dict(net.named_modules())
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     n = 0
     for name, value in values.items():
         if name.startswith("model.") and name.endswith(".bias") and name[len("model."):] in params:
@@ -115,10 +113,11 @@ def checkpoint_from_dir(model_dir: Path, like: str) -> dict:
             if not path.is_file():
                 continue
             graph = onnx.load(str(path)).graph
-            for module, scale in activation_scales(graph, modules).items():
+            values = graph_numbers(graph)
+            for module, scale in activation_scales(graph, values, modules).items():
                 set_scale(modules[module], scale)
                 n_scales += 1
-            n_biases += set_biases(graph, net)
+            n_biases += set_biases(values, net)
     if n_scales == 0:
         raise ValueError(f"{model_dir}: no QCDQ encoder.onnx / decoder.onnx with activation quantizers")
     state = model_lib.save_model_state(net)
