@@ -123,6 +123,60 @@ def test_distill_trains_on_the_tune_half_only():
     import data
     from tools import distill
     samples = distill.tune_samples(REPO / "devset" / "imgs", "tune", per_volume=1)
-    names = {name for _, _, name in samples}
+    names = {name for _, _, name, _ in samples}
     assert names and all(data.half_of(REPO / "devset" / "imgs" / n) == "tune" for n in names)
-    assert all(img.shape == (3, 256, 256) and len(bx) > 0 and bx.shape[1] == 4 for img, bx, _ in samples)
+    assert all(img.shape == (3, 256, 256) and len(bx) > 0 and bx.shape[1] == 4 for img, bx, _, _ in samples)
+
+
+def test_distill_label_masks_sit_in_their_boxes_also_when_mirrored():
+    """The IoU-weighted loss compares the teacher's mask for box i with label i + 1 of the same slice."""
+    import numpy as np
+
+    from tools import distill
+    samples = distill.tune_samples(REPO / "devset" / "imgs", "tune", per_volume=1)
+    inside, total, mirrored = 0, 0, 0
+    for _, bx, name, gts in samples:
+        assert gts is not None and gts.shape == (len(bx), 256, 256) and gts.dtype == np.uint8
+        for (x0, y0, x1, y1), m in zip(bx.round().astype(int), gts):
+            inside += int(m[max(y0 - 2, 0):y1 + 3, max(x0 - 2, 0):x1 + 3].sum())
+            total += int(m.sum())
+        mirrored += name.startswith("2D")
+    assert mirrored % 2 == 0 and total > 0
+    assert inside / total > 0.97  # a label mirrored apart from its box, or the wrong label, lands outside
+
+
+def test_encoder_budget_split_parts_compute_the_whole_encoder():
+    """The lower bound's suffix is the shipped IR's own stages 1–3 and neck, not a different graph."""
+    import numpy as np
+    import openvino as ov
+
+    from tools import encoder_budget
+    core = ov.Core()
+    xml = str(REPO / "models" / "default" / "encoder.xml")
+    whole = core.read_model(xml)
+    whole.reshape({whole.inputs[0]: [1, 3, 256, 256]})
+    prefix, suffix = encoder_budget.split_model(core.read_model(xml), 1)
+    assert suffix.inputs[0].get_partial_shape().to_shape()[-1] == 128  # stage 1's width, tokens of 128×128
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    image = np.random.default_rng(0).standard_normal((1, 3, 256, 256)).astype(np.float32)
+    expect = core.compile_model(whole, "CPU", f32)({0: image})[0]
+    prefix.reshape({prefix.inputs[0]: [1, 3, 256, 256]})
+    mid = core.compile_model(prefix, "CPU", f32)({0: image})[0]
+    got = core.compile_model(suffix, "CPU", f32)({0: mid})[0]
+    assert got.shape == expect.shape == (1, 256, 64, 64)
+    np.testing.assert_allclose(got, expect, atol=1e-4 * np.abs(expect).max())
+    with pytest.raises(ValueError, match="expected one tensor"):
+        encoder_budget.split_model(core.read_model(xml), 5)
+
+
+def test_encoder_budget_prints_groups_and_the_bound_below_stage_one():
+    import re
+    out = subprocess.run([sys.executable, "-m", "tools.encoder_budget", "--repeats", "3", "--ops", "3", "--split", "1",
+                          "--bandwidth-gbs", "20"], cwd=REPO, capture_output=True, encoding="utf-8", errors="replace")
+    assert out.returncode == 0, out.stderr
+    groups = re.findall(r"^\| (stage \d|neck|io|patch_embed) \| ([^|]+) \| (\w+) \|", out.stdout, re.M)
+    assert ("stage 2", "FullyConnected", "i8") in [(s, k.strip(), p) for s, k, p in groups]
+    t = {k: float(v) for k, v in re.findall(r"(whole encoder|\(prefix\)|\(suffix\)|int8 peak|below)\s+([\d.]+) ms",
+                                            out.stdout)}
+    assert len(t) == 5 and 0 < t["int8 peak"] < t["(prefix)"] and t["(suffix)"] < t["whole encoder"]
+    assert t["below"] == pytest.approx(t["(suffix)"] + t["int8 peak"], abs=0.11)

@@ -3,6 +3,7 @@ op kind, each group against its own floor.
 
     python -m tools.encoder_budget                              # models/default, as infer.py compiles it
     python -m tools.encoder_budget -m runs/models/fp32 --precision f32 --repeats 20 --ops 15
+    python -m tools.encoder_budget --split 1 --ops 0           # + what no change before stage 1 can beat
 
 The encoder is compiled the way infer.py compiles it (static 1×3×256×256; `--precision auto` leaves the
 float ops to OpenVINO, bf16 on this CPU) with PERF_COUNT on, run --repeats times on a real dev-set slice,
@@ -137,6 +138,60 @@ def budget(model_dir: Path, precision: str, repeats: int, threads: int | None) -
     return dict(groups), float(np.median(walls)), sorted(slow, reverse=True)
 
 
+def split_model(model, stage: int):
+    """(prefix, suffix) ov.Models of an encoder IR cut at the input of encoder stage `stage`: the one
+    tensor that stage `stage - 1` hands on becomes the prefix's output and the suffix's input."""
+    import openvino as ov
+    src, dst = f"stage {stage - 1}", f"stage {stage}"
+    cut = {(op.get_friendly_name(), i) for op in model.get_ordered_ops() if op.get_type_name() != "Constant"
+           and stage_of(op.get_friendly_name()) == src for i in range(op.get_output_size())
+           if any(stage_of(t.get_node().get_friendly_name()) == dst for t in op.output(i).get_target_inputs())}
+    if len(cut) != 1:
+        raise ValueError(f"expected one tensor from {src} into {dst}, found {sorted(cut)}")
+    name, index = cut.pop()
+    out = next(op for op in model.get_ordered_ops() if op.get_friendly_name() == name).output(index)
+    prefix = ov.Model([ov.opset13.result(out)], list(model.get_parameters()), "prefix")
+    prefix = prefix.clone()  # detach from the graph the suffix is about to rewire
+    param = ov.opset13.parameter(out.get_partial_shape(), out.get_element_type(), name=f"stage{stage}_input")
+    for target in list(out.get_target_inputs()):
+        target.replace_source_output(param.output(0))
+    return prefix, ov.Model(list(model.get_results()), [param], "suffix")
+
+
+def split_times(model_dir: Path, stage: int, precision: str, repeats: int, threads: int | None,
+                int8_tops: float) -> dict[str, float]:
+    """Median wall ms of the whole encoder, its prefix and its suffix (cut at `stage`), compiled alone and
+    called in turn; and the prefix's convolution/matmul FLOPs at the int8 peak."""
+    import openvino as ov
+    core = ov.Core()
+    config = {} if precision == "auto" else {"INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    whole = core.read_model(str(model_dir / "encoder.xml"))
+    whole.reshape({whole.inputs[0]: [1, 3, 256, 256]})
+    prefix, suffix = split_model(core.read_model(str(model_dir / "encoder.xml")), stage)
+    prefix.reshape({prefix.inputs[0]: [1, 3, 256, 256]})
+    parts = {"whole": whole, "prefix": prefix, "suffix": suffix}
+    compiled = {k: core.compile_model(m, "CPU", config) for k, m in parts.items()}
+    case = data.load_case(REPO / "demo" / "imgs" / "3DBox_CT_sts_1.npz", keys=("imgs",))
+    image = data.preprocess_image(case["imgs"][len(case["imgs"]) // 2])[None]
+    feeds = {"whole": image, "prefix": image,
+             "suffix": compiled["prefix"].create_infer_request().infer({0: image})[0].copy()}
+    requests = {k: c.create_infer_request() for k, c in compiled.items()}
+    walls: dict[str, list[float]] = {k: [] for k in parts}
+    for r in range(repeats + 3):
+        for k, req in requests.items():
+            t0 = time.perf_counter()
+            req.infer({0: feeds[k]})
+            if r >= 3:  # the first calls warm caches and thread pools
+                walls[k].append(1000 * (time.perf_counter() - t0))
+    flops = sum(op_work(op)[1] for op in compiled["prefix"].get_runtime_model().get_ordered_ops()
+                if "Constant" not in op.get_rt_info()["layerType"].astype(str))
+    out = {k: float(np.median(v)) for k, v in walls.items()}
+    out["prefix_int8_floor"] = 1000 * flops / (int8_tops * 1e12)
+    return out
+
+
 def floor_ms(kind: str, prec: str, flops: float, nbytes: float, peaks: dict, bandwidth_gbs: float) -> float:
     if flops and (kind in COMPUTE_KINDS or kind.startswith("conv")):
         peak = peaks["int8"] if prec in ("i8", "u8") else peaks.get(prec, peaks["f32"])
@@ -157,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--f32-tflops", type=float, default=0.24, help="f32 peak")
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth; measured when not given")
     p.add_argument("--ops", type=int, default=12, help="also list the N slowest single ops")
+    p.add_argument("--split", type=int, default=None, metavar="K",
+                   help="also time the encoder from stage K on, compiled alone, beside the whole encoder")
     args = p.parse_args(argv)
     bandwidth = args.bandwidth_gbs or measure_bandwidth_gbs()
     groups, wall_ms, slow = budget(args.model, args.precision, args.repeats, args.threads)
@@ -185,6 +242,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nslowest {args.ops} ops:")
         for ms, name, kind, prec in slow[:args.ops]:
             print(f"  {ms:6.2f} ms  {kind:<16} {prec:<5} {name[:110]}")
+    if args.split is not None:
+        t = split_times(args.model, args.split, args.precision, args.repeats, args.threads, args.int8_tops)
+        k = args.split
+        print(f"\ncut at the input of stage {k}, each part compiled alone, calls alternating (median of "
+              f"{args.repeats}):\n"
+              f"  whole encoder                      {t['whole']:6.1f} ms\n"
+              f"  before stage {k} (prefix)            {t['prefix']:6.1f} ms\n"
+              f"  stage {k} to the embedding (suffix)  {t['suffix']:6.1f} ms\n"
+              f"  prefix's conv/matmul FLOPs at the int8 peak {t['prefix_int8_floor']:.1f} ms\n"
+              f"  => no change before stage {k} gets the encoder below "
+              f"{t['suffix'] + t['prefix_int8_floor']:.1f} ms")
     return 0
 
 
