@@ -11,8 +11,10 @@ teacher = fp32 LiteMedSAM, with the teacher's work done once instead of every st
    before it is float (patch embedding and stage 0 in the default float list), so the student's steps
    skip that third of the encoder.
 3. The quantized stages and neck (weights, biases, norms, learned activation scales; straight-through
-   rounding) minimise the MSE between the student's and the teacher's embeddings; the teacher's masks
-   only monitor (mask IoU of the held-out samples, through the student's decoder). Each epoch draws the
+   rounding) minimise the MSE between the student's and the teacher's embeddings (--loss mse), or the
+   paper's stage-1 loss, that MSE weighted per sample by the teacher's mask IoU with the ground truth
+   over the sample's boxes (--loss iou-mse: slices where the teacher misses the label teach less); the
+   teacher's masks also monitor (mask IoU of the held-out samples, through the student's decoder). Each epoch draws the
    balanced sampler's Ns(m) samples of every modality (--sampler); gradients of a batch are summed one
    sample at a time, which bounds memory (~8 GB peak) without changing the update.
 AdamW, warm-up from 1 % then cosine to 0.1 % of --lr, as the paper schedules. Writes a train.py-style
@@ -43,25 +45,36 @@ from train import lr_at, save_atomic
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tune_samples(root: Path, half: str, per_volume: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
-    """(model input 3×256×256, boxes_256 N×4, case name) for every training sample of `half`."""
+def tune_samples(root: Path, half: str, per_volume: int) -> list[tuple]:
+    """(model input 3×256×256, boxes_256 N×4, case name, gt masks N×256×256 uint8, or None when the case
+    has no labels) for every training sample of `half`."""
     out = []
     for path in sorted(root.glob("*.npz")):
         if data.half_of(path) != half:
             continue
         case = infer.load_case(path)
         pipe, modality = infer.resolve_pipeline(case), case.modality
-        views = slices_of(case, per_volume)  # the 2D image, or slices spread over the 3D boxes' z-range
-        if not case.is_3d:
-            img, boxes = views[0]
-            flipped = boxes.copy()
-            flipped[:, [0, 2]] = img.shape[1] - boxes[:, [2, 0]]
-            views.append((np.ascontiguousarray(img[:, ::-1]), flipped))
-        for img, bx in views:
+        labels = data.find_labels(path)
+        views = []
+        # the 2D image and its mirror image, or slices spread over the 3D boxes' z-range
+        for img, bx, z, ids in slices_of(case, per_volume, where=True):
+            gts = None
+            if labels is not None:
+                gts = (data.npz_read_slice(labels, "gts", z) if case.is_3d
+                       else np.load(labels)["gts"])
+            views.append((img, bx, gts, ids))
+            if not case.is_3d:
+                flipped = bx.copy()
+                flipped[:, [0, 2]] = img.shape[1] - bx[:, [2, 0]]
+                views.append((np.ascontiguousarray(img[:, ::-1]), flipped,
+                              None if gts is None else gts[:, ::-1], ids))
+        for img, bx, gts, ids in views:
             if len(bx) == 0:
                 continue
             image = infer.model_input(img, pipe.image_interp, pipe.norm_then_pad, modality)
-            out.append((image, data.boxes_to_256(bx, img.shape[:2], rounding=pipe.box_rounding), path.name))
+            masks = None if gts is None else np.stack([data.mask_to_256(gts == i) for i in ids])
+            out.append((image, data.boxes_to_256(bx, img.shape[:2], rounding=pipe.box_rounding), path.name,
+                        masks))
     return out
 
 
@@ -118,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3, help="encoder epochs over the cached samples")
     p.add_argument("--sampler", choices=("min", "max10", "all"), default="min",
                    help="per epoch: Ns(m) samples per modality (balanced sampler's strategy), or all samples")
+    p.add_argument("--loss", choices=("mse", "iou-mse"), default="mse",
+                   help="embedding MSE, or the paper's stage-1 loss: MSE × the teacher's mask IoU with the labels")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (encoder)")
     p.add_argument("--max-boxes", type=int, default=8, help="boxes per sample kept for the mask monitor")
@@ -149,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         prefix, emb_t, boxes, logits_t = [], [], [], []
         with torch.no_grad():
-            for image, bx, _ in samples:
+            for image, bx, *_ in samples:
                 x = torch.from_numpy(image)[None]
                 pre = encoder_prefix(teacher.image_encoder, x, start)
                 e = encoder_suffix(teacher.image_encoder, pre, start)
@@ -167,6 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     held = [i for i in range(n) if cfg.holdout and i % cfg.holdout == 0]
     train_idx = [i for i in range(n) if i not in set(held)]
     modality = [data.modality_of(s[2]) for s in samples]
+    gt = [None if s[3] is None else torch.from_numpy(s[3][:cfg.max_boxes, None]).float() for s in samples]
+    if cfg.loss == "iou-mse":
+        # what the paper's loss multiplies each sample's MSE by (a sample without labels keeps weight 1)
+        w = [losses.mask_iou(logits_t[i].float(), gt[i]).mean().item() for i in train_idx if gt[i] is not None]
+        log(f"teacher mask IoU with the labels over the training samples: mean {np.mean(w):.3f}, "
+            f"{sum(x < 0.5 for x in w)} of {len(w)} below 0.5")
+
+    def loss_of(i: int) -> torch.Tensor:
+        emb = student_embedding(i)
+        if cfg.loss == "iou-mse" and gt[i] is not None:
+            return losses.distillation_loss(emb, emb_t[i], logits_t[i].float(), gt[i])
+        return F.mse_loss(emb, emb_t[i].float())
 
     def student_embedding(i: int) -> torch.Tensor:
         return encoder_suffix(student.image_encoder, prefix[i].float(), start)
@@ -212,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             loss = 0.0
             # one sample's graph at a time: a batch of 4 through the fake-quantized stages peaked near 19 GB
             for i in batch:
-                part = F.mse_loss(student_embedding(i), emb_t[i].float()) / len(batch)
+                part = loss_of(i) / len(batch)
                 part.backward()
                 loss += part.item()
             opt.step()

@@ -26,16 +26,18 @@ import infer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def slices_of(case: infer.Case, per_volume: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(2D image, boxes x0 y0 x1 y1 in pixels) samples of one case (see the module doc)."""
-    boxes = case.boxes[case.valid]
+def slices_of(case: infer.Case, per_volume: int, where: bool = False) -> list[tuple]:
+    """(2D image, boxes x0 y0 x1 y1 in pixels) samples of one case (see the module doc); with `where`,
+    each sample also names its slice (None for 2D) and its boxes' labels (box row + 1)."""
+    rows = np.flatnonzero(case.valid)
+    boxes = case.boxes[rows]
     if not case.is_3d:
-        return [(case.imgs, boxes)]
+        return [(case.imgs, boxes) + ((None, rows + 1) if where else ())]
     z_lo, z_hi = int(boxes[:, 2].min()), int(boxes[:, 5].max())
     out = []
     for z in np.unique(np.linspace(z_lo, z_hi, per_volume + 2)[1:-1].round().astype(int)):
         on = (boxes[:, 2] <= z) & (z <= boxes[:, 5])
-        out.append((case.imgs[z], boxes[on][:, [0, 1, 3, 4]]))
+        out.append((case.imgs[z], boxes[on][:, [0, 1, 3, 4]]) + ((int(z), rows[on] + 1) if where else ()))
     return out
 
 
