@@ -342,8 +342,18 @@ class TinyViTEncoder(nn.Module):
             nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stem(image, 0), 0)
+
+    def stem(self, image: torch.Tensor, stages: int) -> torch.Tensor:
+        """Patch embedding and the first `stages` stages: the input of stage `stages`."""
         x = self.patch_embed(image)
-        for layer in self.layers:
+        for layer in self.layers[:stages]:
+            x = layer(x)
+        return x
+
+    def head(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Stages from `start` on and the neck: stage `start`'s input → the image embedding."""
+        for layer in self.layers[start:]:
             x = layer(x)
         return self.neck(tokens_to_map(x, self.embed_size, self.embed_size))
 

@@ -115,8 +115,11 @@ def test_distill_epochs_draw_each_modality_equally_without_repeats():
     for order in epochs:
         assert len(order) == len(set(order)) and set(order) <= set(train)
         assert set(collections.Counter(modality[i] for i in order).values()) == {3}  # Ns(m): the smallest, Microscopy
+        assert len(order) == distill.epoch_size(train, modality, "min")
     assert {i for order in epochs for i in order} == set(train)  # over epochs every CT sample comes round
     assert sorted(distill.epoch_order(train, modality, "all", rng)) == train
+    assert distill.epoch_size(train, modality, "all") == len(train)
+    assert len(distill.epoch_order(train, modality, "max10", rng)) == distill.epoch_size(train, modality, "max10")
 
 
 def test_distill_trains_on_the_tune_half_only():

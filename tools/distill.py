@@ -92,12 +92,7 @@ def first_quantized_stage(student: model_lib.LiteMedSAM) -> int:
 
 def encoder_prefix(encoder, image: torch.Tensor, start: int) -> torch.Tensor:
     """The encoder's activations just before stage `start` (start = -1: the image itself)."""
-    if start < 0:
-        return image
-    x = encoder.patch_embed(image)
-    for layer in encoder.layers[:start]:
-        x = layer(x)
-    return x
+    return image if start < 0 else encoder.stem(image, start)
 
 
 def epoch_order(train_idx: list[int], modality: list[str], strategy: str, rng: np.random.Generator) -> list[int]:
@@ -113,13 +108,19 @@ def epoch_order(train_idx: list[int], modality: list[str], strategy: str, rng: n
     return [picked[j] for j in rng.permutation(len(picked))]
 
 
+def epoch_size(train_idx: list[int], modality: list[str], strategy: str) -> int:
+    """How many samples epoch_order draws per epoch."""
+    if strategy == "all":
+        return len(train_idx)
+    counts: dict[str, int] = {}
+    for i in train_idx:
+        counts[modality[i]] = counts.get(modality[i], 0) + 1
+    return sum(data.samples_per_modality(counts, strategy).values())
+
+
 def encoder_suffix(encoder, x: torch.Tensor, start: int) -> torch.Tensor:
     """The rest of the encoder from stage `start`'s input to the image embedding."""
-    if start < 0:
-        return encoder(x)
-    for layer in encoder.layers[start:]:
-        x = layer(x)
-    return encoder.neck(model_lib.tokens_to_map(x, encoder.embed_size, encoder.embed_size))
+    return encoder(x) if start < 0 else encoder.head(x, start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if start < 0:
         enc_params = list(student.image_encoder.parameters())
     opt = torch.optim.AdamW(enc_params, lr=cfg.lr, weight_decay=0.0)
-    per_epoch = len(epoch_order(train_idx, modality, cfg.sampler, np.random.default_rng(0))) // cfg.batch_size
+    per_epoch = epoch_size(train_idx, modality, cfg.sampler) // cfg.batch_size
     total, step = per_epoch * cfg.epochs, 0
     warmup = max(1, total // 20)
     log(f"before: {held_out()}")
