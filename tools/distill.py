@@ -59,9 +59,11 @@ def tune_samples(root: Path, half: str, per_volume: int) -> list[tuple]:
         # the 2D image and its mirror image, or slices spread over the 3D boxes' z-range
         for img, bx, z, ids in slices_of(case, per_volume, where=True):
             gts = None
-            if labels is not None:
-                gts = (data.npz_read_slice(labels, "gts", z) if case.is_3d
-                       else np.load(labels)["gts"])
+            if labels is not None and case.is_3d:
+                gts = data.npz_read_slice(labels, "gts", z)
+            elif labels is not None:
+                with np.load(labels) as npz:
+                    gts = npz["gts"]
             views.append((img, bx, gts, ids))
             if not case.is_3d:
                 flipped = bx.copy()
@@ -183,17 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     held = [i for i in range(n) if cfg.holdout and i % cfg.holdout == 0]
     train_idx = [i for i in range(n) if i not in set(held)]
     modality = [data.modality_of(s[2]) for s in samples]
-    gt = [None if s[3] is None else torch.from_numpy(s[3][:cfg.max_boxes, None]).float() for s in samples]
+    # label masks as uint8 (float for all samples would be ~0.7 GB), only for the loss that reads them
+    gt = [None if cfg.loss == "mse" or s[3] is None else torch.from_numpy(s[3][:cfg.max_boxes, None])
+          for s in samples]
     if cfg.loss == "iou-mse":
         # what the paper's loss multiplies each sample's MSE by (a sample without labels keeps weight 1)
-        w = [losses.mask_iou(logits_t[i].float(), gt[i]).mean().item() for i in train_idx if gt[i] is not None]
+        w = [losses.mask_iou(logits_t[i].float(), gt[i].float()).mean().item() for i in train_idx
+             if gt[i] is not None]
         log(f"teacher mask IoU with the labels over the training samples: mean {np.mean(w):.3f}, "
             f"{sum(x < 0.5 for x in w)} of {len(w)} below 0.5")
 
     def loss_of(i: int) -> torch.Tensor:
         emb = student_embedding(i)
-        if cfg.loss == "iou-mse" and gt[i] is not None:
-            return losses.distillation_loss(emb, emb_t[i], logits_t[i].float(), gt[i])
+        if gt[i] is not None:
+            return losses.distillation_loss(emb, emb_t[i], logits_t[i].float(), gt[i].float())
         return F.mse_loss(emb, emb_t[i].float())
 
     def student_embedding(i: int) -> torch.Tensor:

@@ -91,23 +91,31 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def plugin_config(precision: str, threads: int | None) -> dict:
+    """The CPU plugin settings infer.py would use for this precision and thread count."""
+    config: dict = {} if precision == "auto" else {"INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
+def probe_image() -> np.ndarray:
+    """The encoder input every timing here uses: the middle slice of a demo CT volume, 1×3×256×256."""
+    case = data.load_case(REPO / "demo" / "imgs" / "3DBox_CT_sts_1.npz", keys=("imgs",))
+    return data.preprocess_image(case["imgs"][len(case["imgs"]) // 2])[None]
+
+
 def budget(model_dir: Path, precision: str, repeats: int, threads: int | None) -> tuple[dict, float, list]:
     """Run the encoder with per-op counters → ({(stage, kind, precision): [ms, flops, bytes, n]},
     median wall ms per call, the slowest single ops)."""
     import openvino as ov
     core = ov.Core()
-    config = {"PERF_COUNT": True}
-    if precision != "auto":
-        config["INFERENCE_PRECISION_HINT"] = precision
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
     encoder = core.read_model(str(model_dir / "encoder.xml"))
     if infer.static_encoder_batch(model_dir) != 1:
         encoder.reshape({encoder.inputs[0]: [1, 3, 256, 256]})
-    compiled = core.compile_model(encoder, "CPU", config)
+    compiled = core.compile_model(encoder, "CPU", {**plugin_config(precision, threads), "PERF_COUNT": True})
     request = compiled.create_infer_request()
-    case = data.load_case(REPO / "demo" / "imgs" / "3DBox_CT_sts_1.npz", keys=("imgs",))
-    image = data.preprocess_image(case["imgs"][len(case["imgs"]) // 2])[None]
+    image = probe_image()
     for _ in range(3):
         request.infer({0: image})
     runtime = {op.get_friendly_name(): op for op in compiled.get_runtime_model().get_ordered_ops()}
@@ -164,17 +172,14 @@ def split_times(model_dir: Path, stage: int, precision: str, repeats: int, threa
     called in turn; and the prefix's convolution/matmul FLOPs at the int8 peak."""
     import openvino as ov
     core = ov.Core()
-    config = {} if precision == "auto" else {"INFERENCE_PRECISION_HINT": precision}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
+    config = plugin_config(precision, threads)
     whole = core.read_model(str(model_dir / "encoder.xml"))
     whole.reshape({whole.inputs[0]: [1, 3, 256, 256]})
     prefix, suffix = split_model(core.read_model(str(model_dir / "encoder.xml")), stage)
     prefix.reshape({prefix.inputs[0]: [1, 3, 256, 256]})
     parts = {"whole": whole, "prefix": prefix, "suffix": suffix}
     compiled = {k: core.compile_model(m, "CPU", config) for k, m in parts.items()}
-    case = data.load_case(REPO / "demo" / "imgs" / "3DBox_CT_sts_1.npz", keys=("imgs",))
-    image = data.preprocess_image(case["imgs"][len(case["imgs"]) // 2])[None]
+    image = probe_image()
     feeds = {"whole": image, "prefix": image,
              "suffix": compiled["prefix"].create_infer_request().infer({0: image})[0].copy()}
     requests = {k: c.create_infer_request() for k, c in compiled.items()}
