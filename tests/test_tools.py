@@ -129,6 +129,8 @@ def test_distill_trains_on_the_tune_half_only():
     names = {name for _, _, name, _ in samples}
     assert names and all(data.half_of(REPO / "devset" / "imgs" / n) == "tune" for n in names)
     assert all(img.shape == (3, 256, 256) and len(bx) > 0 and bx.shape[1] == 4 for img, bx, _, _ in samples)
+    bare = distill.tune_samples(REPO / "devset" / "imgs", "tune", per_volume=1, masks=False)
+    assert [s[2] for s in bare] == [s[2] for s in samples] and all(s[3] is None for s in bare)
 
 
 def test_distill_label_masks_sit_in_their_boxes_also_when_mirrored():

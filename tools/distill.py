@@ -45,16 +45,16 @@ from train import lr_at, save_atomic
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tune_samples(root: Path, half: str, per_volume: int) -> list[tuple]:
+def tune_samples(root: Path, half: str, per_volume: int, masks: bool = True) -> list[tuple]:
     """(model input 3×256×256, boxes_256 N×4, case name, gt masks N×256×256 uint8, or None when the case
-    has no labels) for every training sample of `half`."""
+    has no labels or `masks` is off) for every training sample of `half`."""
     out = []
     for path in sorted(root.glob("*.npz")):
         if data.half_of(path) != half:
             continue
         case = infer.load_case(path)
         pipe, modality = infer.resolve_pipeline(case), case.modality
-        labels = data.find_labels(path)
+        labels = data.find_labels(path) if masks else None
         views = []
         # the 2D image and its mirror image, or slices spread over the 3D boxes' z-range
         for img, bx, z, ids in slices_of(case, per_volume, where=True):
@@ -74,9 +74,8 @@ def tune_samples(root: Path, half: str, per_volume: int) -> list[tuple]:
             if len(bx) == 0:
                 continue
             image = infer.model_input(img, pipe.image_interp, pipe.norm_then_pad, modality)
-            masks = None if gts is None else np.stack([data.mask_to_256(gts == i) for i in ids])
-            out.append((image, data.boxes_to_256(bx, img.shape[:2], rounding=pipe.box_rounding), path.name,
-                        masks))
+            gt = None if gts is None else np.stack([data.mask_to_256(gts == i) for i in ids])
+            out.append((image, data.boxes_to_256(bx, img.shape[:2], rounding=pipe.box_rounding), path.name, gt))
     return out
 
 
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = model_lib.build_model("published").eval()
     student = model_lib.build_model(cfg.checkpoint).eval()
     start = first_quantized_stage(student)
-    samples = tune_samples(cfg.data, "tune", cfg.slices)
+    samples = tune_samples(cfg.data, "tune", cfg.slices, masks=cfg.loss == "iou-mse")
     log(f"{len(samples)} samples from {len({s[2] for s in samples})} tune-half cases; "
         f"student steps start at encoder stage {start}")
 
@@ -185,9 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     held = [i for i in range(n) if cfg.holdout and i % cfg.holdout == 0]
     train_idx = [i for i in range(n) if i not in set(held)]
     modality = [data.modality_of(s[2]) for s in samples]
-    # label masks as uint8 (float for all samples would be ~0.7 GB), only for the loss that reads them
-    gt = [None if cfg.loss == "mse" or s[3] is None else torch.from_numpy(s[3][:cfg.max_boxes, None])
-          for s in samples]
+    # label masks stay uint8 (as float for every sample they would take ~0.7 GB)
+    gt = [None if s[3] is None else torch.from_numpy(s[3][:cfg.max_boxes, None]) for s in samples]
     if cfg.loss == "iou-mse":
         # what the paper's loss multiplies each sample's MSE by (a sample without labels keeps weight 1)
         w = [losses.mask_iou(logits_t[i].float(), gt[i].float()).mean().item() for i in train_idx
